@@ -1,0 +1,1 @@
+"""seqserve: train recurrent sequence models, export them to ONNX, serve them over gRPC."""

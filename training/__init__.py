@@ -1,0 +1,1 @@
+"""Training side of seqserve: corpora, tokenizers, PyTorch models, reference decoders, the training loop."""
