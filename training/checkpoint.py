@@ -68,7 +68,10 @@ def model_from_checkpoint(payload: dict):
 
 
 def tokenizers_from_checkpoint(payload: dict) -> dict[str, Tokenizer]:
-    return {role: Tokenizer.from_str(text) for role, text in payload["tokenizers"].items()}
+    tokenizers = {role: Tokenizer.from_str(text) for role, text in payload["tokenizers"].items()}
+    for tok in tokenizers.values():
+        tok.encode_special_tokens = True  # as training_tokenizer set it; the flag is not serialised
+    return tokenizers
 
 
 def config_from_checkpoint(payload: dict) -> TrainConfig:

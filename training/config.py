@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+
+import tomllib
 
 
 @dataclass
@@ -61,7 +62,7 @@ class TrainConfig:
     seed: int = 1
     early_stopping: int = 5  # stop after this many epochs without valid improvement (0 = off)
     max_steps: int = 0  # stop after this many updates in total (0 = no limit); resume continues
-    time_limit_minutes: float = 0  # do not start an epoch that would end past this budget (0 = none)
+    time_limit_minutes: float = 0.0  # do not start an epoch that would end past this budget (0 = none)
     checkpoint_every: int = 0  # also checkpoint every N updates (0 = only at epoch ends)
     keep_last: int = 2  # step/epoch checkpoints kept besides best.pt
     log_every: int = 50  # updates between log lines / TensorBoard points

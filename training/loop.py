@@ -226,7 +226,8 @@ class Trainer:
                 bar.close()
             summary = self.validate()
             epoch_seconds = time.perf_counter() - t0
-            summary.update(epoch=epoch, epoch_seconds=epoch_seconds, step=p["global_step"], lr=self.schedule.lr(p["global_step"]),
+            summary.update(epoch=epoch, epoch_seconds=epoch_seconds, step=p["global_step"],
+                           lr=self.schedule.lr(p["global_step"]),
                            train_tokens_per_s=tokens / max(time.perf_counter() - t0, 1e-9))
             improved = self.schedule.end_epoch(epoch, summary["valid_loss"])
             p["epoch"], p["step_in_epoch"] = epoch + 1, 0

@@ -47,7 +47,7 @@ def encode_pairs(pairs: list[tuple[str, str]], src_tok: Tokenizer, tgt_tok: Toke
                  ) -> list[tuple[list[int], list[int]]]:
     src = src_tok.encode_batch([s for s, _ in pairs])
     tgt = tgt_tok.encode_batch([t for _, t in pairs])
-    return [(s.ids, t.ids) for s, t in zip(src, tgt)]
+    return [(s.ids, t.ids) for s, t in zip(src, tgt, strict=True)]
 
 
 def load_pair_data(cfg: TrainConfig, tokenizers: dict[str, Tokenizer]) -> PairData:

@@ -83,5 +83,5 @@ class LanguageModel(nn.Module):
             _, fed = self.logits(tokens, lengths.to(device), state)
             # Rows with an empty head were fed a padding token: keep their zero state.
             has_head = torch.tensor([bool(h) for h in heads], device=device)
-            state = tuple(torch.where(has_head[:, None, None], f, s) for f, s in zip(fed, state))
+            state = tuple(torch.where(has_head[:, None, None], f, s) for f, s in zip(fed, state, strict=True))
         return last, state

@@ -91,7 +91,7 @@ class Seq2Seq(nn.Module):
         positions = torch.arange(src.shape[1], device=src.device)[None, :]
         mask = (positions < src_lengths[:, None]).to(memory.dtype)
         state = []
-        for i, (s, bridge) in enumerate(zip(final, self.bridge)):
+        for i, (s, bridge) in enumerate(zip(final, self.bridge, strict=True)):
             # [B, layers*dirs, h] -> [B, layers, dirs*h]: PyTorch orders layer-major, direction-minor.
             s = s.reshape(batch, self.args.num_layers, -1)
             s = bridge(s)

@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC stubs of the seqserve.v1 API; regenerate with proto/generate.sh."""

@@ -1,0 +1,283 @@
+"""Verifying a bundle on disk and opening it: checksums, ONNX Runtime sessions, tokenizers.
+
+`verify_bundle` needs nothing but the files (exporters and `seqserve inspect` use it); `load_bundle`
+also opens one ONNX Runtime session per graph and checks each graph's real inputs and outputs against
+the manifest, so a bundle that loads is one the server can feed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from seqserve.v1.manifest_pb2 import Graph, Manifest, ModelKind, ParityReport
+from server.bundle.errors import BundleError
+from server.bundle.manifest import MANIFEST_FILE, graphs_of_variant, read_manifest
+from server.bundle.sessions import (
+    CPU_PROVIDER,
+    ProviderSpec,
+    check_graph_io,
+    make_session_options,
+    provider_name,
+    resolve_providers,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_VARIANT = "fp32"
+# The special tokens every seqserve tokenizer carries (docs/architecture.md), by manifest field.
+_SPECIAL_TOKENS = {"pad_id": "<pad>", "bos_id": "<bos>", "eos_id": "<eos>", "unk_id": "<unk>"}
+_CHUNK_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class LoadedGraph:
+    """One graph of a loaded bundle: its manifest entry and its open ONNX Runtime session."""
+
+    spec: Graph
+    session: ort.InferenceSession
+    providers: tuple[str, ...]  # what ONNX Runtime gave this session, in priority order
+
+    @property
+    def role(self) -> str:
+        return self.spec.role
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(tensor.name for tensor in self.spec.inputs)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(tensor.name for tensor in self.spec.outputs)
+
+    @property
+    def state_inputs(self) -> tuple[str, ...]:
+        return tuple(self.spec.state_inputs)
+
+    @property
+    def state_outputs(self) -> tuple[str, ...]:
+        return tuple(self.spec.state_outputs)
+
+
+@dataclass(frozen=True)
+class LoadedBundle:
+    """A bundle ready to serve: verified manifest, one session per graph, tokenizers by role."""
+
+    path: Path
+    manifest: Manifest
+    variant: str
+    graphs: Mapping[str, LoadedGraph]  # by role: "step", or "encoder" and "decoder_step"
+    tokenizers: Mapping[str, Tokenizer]  # by role: "text", or "source" and "target"
+    requested_providers: tuple[str, ...]  # as configured, before unavailable ones were dropped
+    providers: tuple[str, ...]  # obtained by every session, in priority order
+    load_seconds: float
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def version(self) -> int:
+        return self.manifest.version
+
+    @property
+    def kind(self) -> ModelKind.ValueType:
+        return self.manifest.kind
+
+    def graph(self, role: str) -> LoadedGraph:
+        """The graph of `role`; BundleError if this kind has none."""
+        try:
+            return self.graphs[role]
+        except KeyError:
+            raise BundleError(
+                f"bundle {self.name} v{self.version} has no {role!r} graph; it has {', '.join(self.graphs)}"
+            ) from None
+
+    def tokenizer(self, role: str) -> Tokenizer:
+        """The tokenizer of `role`; BundleError if this kind has none."""
+        try:
+            return self.tokenizers[role]
+        except KeyError:
+            raise BundleError(
+                f"bundle {self.name} v{self.version} has no {role!r} tokenizer; "
+                f"it has {', '.join(self.tokenizers)}"
+            ) from None
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file, read in chunks so large graphs never sit in memory twice."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_bundle(
+    bundle_dir: str | os.PathLike[str],
+    *,
+    expected_name: str | None = None,
+    expected_version: int | None = None,
+) -> Manifest:
+    """Validate a bundle's manifest and the checksum of every file; return the manifest.
+
+    `expected_name` and `expected_version`, when given (a repository's directory names), must match
+    the manifest's, so a bundle copied under another name or version is refused.
+    """
+    bundle_dir = Path(bundle_dir)
+    if not bundle_dir.is_dir():
+        raise BundleError(f"bundle directory {bundle_dir} does not exist")
+    manifest = read_manifest(bundle_dir / MANIFEST_FILE)
+    if expected_name is not None and manifest.name != expected_name:
+        raise BundleError(
+            f"bundle {bundle_dir}: the manifest names the model {manifest.name!r}, "
+            f"its directory {expected_name!r}"
+        )
+    if expected_version is not None and manifest.version != expected_version:
+        raise BundleError(
+            f"bundle {bundle_dir}: manifest says version {manifest.version}, its directory {expected_version}"
+        )
+    problems = []
+    for file_name, expected in sorted(manifest.sha256.items()):
+        path = bundle_dir / file_name
+        if not path.is_file():
+            problems.append(f"missing file {file_name}")
+            continue
+        actual = sha256_file(path)
+        if actual != expected:
+            problems.append(f"checksum mismatch for {file_name}: expected {expected}, got {actual}")
+    if problems:
+        raise BundleError(f"bundle {bundle_dir}: " + "; ".join(problems))
+    return manifest
+
+
+def load_bundle(
+    bundle_dir: str | os.PathLike[str],
+    providers: Sequence[ProviderSpec] = (CPU_PROVIDER,),
+    session_options: Mapping[str, Any] | None = None,
+    *,
+    variant: str = DEFAULT_VARIANT,
+    expected_name: str | None = None,
+    expected_version: int | None = None,
+    allow_failed_parity: bool = False,
+) -> LoadedBundle:
+    """Verify a bundle and open it for serving.
+
+    `providers` are ONNX Runtime execution providers in order of preference (names, or
+    `(name, options)` pairs); `session_options` are described in `make_session_options`. A variant
+    whose parity report says it failed is refused unless `allow_failed_parity`.
+    """
+    started = time.perf_counter()
+    bundle_dir = Path(bundle_dir)
+    manifest = verify_bundle(bundle_dir, expected_name=expected_name, expected_version=expected_version)
+    graph_specs = graphs_of_variant(manifest, variant)
+    if not graph_specs:
+        present = sorted({graph.variant for graph in manifest.graphs})
+        raise BundleError(f"bundle {bundle_dir} has no {variant!r} graphs; it has {', '.join(present)}")
+    _check_parity(bundle_dir, manifest, variant, allow_failed_parity)
+
+    if isinstance(providers, str):
+        providers = [providers]  # one name, not a sequence of one-letter names
+    requested = tuple(provider_name(spec) for spec in providers)
+    resolved = resolve_providers(providers)
+    options = make_session_options(session_options)
+    graphs = {
+        role: _open_graph(bundle_dir, spec, options, resolved) for role, spec in sorted(graph_specs.items())
+    }
+    tokenizers = {
+        role: _open_tokenizer(bundle_dir, manifest, role, file_name)
+        for role, file_name in sorted(manifest.tokenizers.items())
+    }
+
+    obtained = _common_providers(list(graphs.values()))
+    bundle = LoadedBundle(
+        path=bundle_dir,
+        manifest=manifest,
+        variant=variant,
+        graphs=graphs,
+        tokenizers=tokenizers,
+        requested_providers=requested,
+        providers=obtained,
+        load_seconds=time.perf_counter() - started,
+    )
+    missed = [name for name in (provider_name(spec) for spec in resolved) if name not in obtained]
+    log = logger.warning if missed else logger.info
+    log(
+        "loaded %s v%d (%s) from %s in %.2fs: providers asked %s, obtained %s%s",
+        bundle.name,
+        bundle.version,
+        variant,
+        bundle_dir,
+        bundle.load_seconds,
+        list(requested),
+        list(obtained),
+        f" (could not start {missed})" if missed else "",
+    )
+    return bundle
+
+
+def _open_graph(
+    bundle_dir: Path, spec: Graph, options: ort.SessionOptions, providers: list[ProviderSpec]
+) -> LoadedGraph:
+    path = bundle_dir / spec.file
+    try:
+        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as error:  # ONNX Runtime raises several unrelated types for a bad model
+        raise BundleError(f"bundle {bundle_dir}: ONNX Runtime cannot open {spec.file}: {error}") from error
+    problems = check_graph_io(spec, session)
+    if problems:
+        raise BundleError(f"bundle {bundle_dir}: graph I/O mismatch: " + "; ".join(problems))
+    return LoadedGraph(spec=spec, session=session, providers=tuple(session.get_providers()))
+
+
+def _open_tokenizer(bundle_dir: Path, manifest: Manifest, role: str, file_name: str) -> Tokenizer:
+    try:
+        tokenizer = Tokenizer.from_file(str(bundle_dir / file_name))
+    except Exception as error:  # tokenizers raises a bare Exception for unreadable files
+        raise BundleError(f"bundle {bundle_dir}: tokenizer {file_name} cannot be loaded: {error}") from error
+    # Training encoded "<eos>" typed in text as plain characters; the flag is not saved in the file.
+    tokenizer.encode_special_tokens = True
+    problems = []
+    for field, token in _SPECIAL_TOKENS.items():
+        expected_id = getattr(manifest.special_tokens, field)
+        actual_id = tokenizer.token_to_id(token)
+        if actual_id is None:
+            problems.append(f"has no {token} token")
+        elif actual_id != expected_id:
+            problems.append(
+                f"has {token} at id {actual_id}, the manifest's special_tokens.{field} is {expected_id}"
+            )
+    # The model's vocabulary may be padded beyond the tokenizer's, never the other way round.
+    model_vocab = manifest.sizes.source_vocab_size if role == "source" else manifest.sizes.vocab_size
+    tokenizer_vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+    if tokenizer_vocab > model_vocab:
+        problems.append(f"has {tokenizer_vocab} tokens, more than the model's vocabulary of {model_vocab}")
+    if problems:
+        raise BundleError(f"bundle {bundle_dir}: tokenizer {file_name} ({role}) " + "; ".join(problems))
+    return tokenizer
+
+
+def _check_parity(bundle_dir: Path, manifest: Manifest, variant: str, allow_failed: bool) -> None:
+    report: ParityReport | None = next((r for r in manifest.parity if r.variant == variant), None)
+    if report is not None and not report.passed and not allow_failed:
+        raise BundleError(
+            f"bundle {bundle_dir}: the {variant} graphs failed their parity check "
+            f"(max_abs_diff_log_probs {report.max_abs_diff_log_probs:g}, "
+            f"greedy {report.greedy_matched}/{report.greedy_checked}, "
+            f"beam {report.beam_matched}/{report.beam_checked})"
+        )
+
+
+def _common_providers(graphs: list[LoadedGraph]) -> tuple[str, ...]:
+    # Sessions of one bundle normally get the same providers; if one fell back, report only what all got.
+    first = graphs[0].providers
+    return tuple(name for name in first if all(name in graph.providers for graph in graphs[1:]))

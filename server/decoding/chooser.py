@@ -1,0 +1,67 @@
+"""Chooses the next token of every greedy and sampling row in one vectorised call."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from server.decoding.history import TokenHistory
+from server.decoding.processors import ProcessorChain, default_processors
+from server.decoding.row_params import BEAM, SAMPLE, RowParams
+from server.decoding.sampling import sample_tokens
+from server.decoding.selection import stable_top_k
+
+
+class TopAlternatives(NamedTuple):
+    """The most probable tokens per row, best first; row i uses its first rows.top_logprobs[i] columns
+    (rows that asked for none hold -1 / NaN)."""
+
+    token_ids: np.ndarray  # [N, A] int64
+    log_probs: np.ndarray  # [N, A] float64
+
+
+class Choice(NamedTuple):
+    tokens: np.ndarray  # [N] int64
+    log_probs: np.ndarray  # [N] float64: the chosen tokens' processed log-probs
+    alternatives: TopAlternatives | None  # None when no row asked for top_logprobs
+
+
+class TokenChooser:
+    """Processors, then argmax for greedy rows and seeded draws for sampling rows.
+
+    Reported log-probs are the processed ones (after min_new_tokens, no_repeat_ngram_size and
+    repetition_penalty, before temperature/top-k/top-p): the same values beam search ranks by, and the
+    model's own log-probs when no processor applies.
+    """
+
+    def __init__(self, eos_id: int, processors: ProcessorChain | None = None):
+        self.processors = processors if processors is not None else default_processors(eos_id)
+
+    def choose(self, log_probs: np.ndarray, rows: RowParams, history: TokenHistory,
+               step_counts: np.ndarray) -> Choice:
+        """log_probs[N, V] from the model; step_counts[N] = tokens each row has generated so far."""
+        if np.any(rows.strategy == BEAM):
+            raise ValueError("beam rows are decoded by BeamSearch, not TokenChooser")
+        scores = np.array(log_probs, dtype=np.float64)  # a copy the processors may write into
+        scores = self.processors(history, scores, rows, step_counts)
+
+        tokens = scores.argmax(axis=1)  # first maximum on ties, like torch.argmax
+        sampling = np.nonzero(rows.strategy == SAMPLE)[0]
+        if sampling.size:
+            tokens[sampling] = sample_tokens(
+                scores[sampling], rows.temperature[sampling], rows.top_k[sampling], rows.top_p[sampling],
+                rows.seed[sampling], step_counts[sampling])
+        chosen = scores[np.arange(len(tokens)), tokens]
+        return Choice(tokens, chosen, self._alternatives(scores, rows))
+
+    @staticmethod
+    def _alternatives(scores: np.ndarray, rows: RowParams) -> TopAlternatives | None:
+        width = min(int(rows.top_logprobs.max(initial=0)), scores.shape[1])
+        if width == 0:
+            return None
+        asking = np.nonzero(rows.top_logprobs > 0)[0]
+        token_ids = np.full((len(scores), width), -1, dtype=np.int64)
+        values = np.full((len(scores), width), np.nan)
+        token_ids[asking], values[asking] = stable_top_k(scores[asking], width)
+        return TopAlternatives(token_ids, values)
