@@ -107,7 +107,8 @@ class Trainer:
     def plan_epoch(self, epoch: int) -> list:
         cfg = self.cfg
         if cfg.kind == "lm":
-            gen = epoch_generator(cfg.seed, epoch)
+            # Overfitting replays epoch 1's first window, so the batch really is the same every time.
+            gen = epoch_generator(cfg.seed, 1 if cfg.overfit_batch else epoch)
             docs = list(self.data.train)
             order = torch.randperm(len(docs), generator=gen).tolist()  # a new document order each epoch
             self._lm_data = batchify(lm_stream([docs[i] for i in order]), cfg.batch_size)
