@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := trans-de-en fortunes fortunes-min prometheus
+APT_PACKAGES := trans-de-en fortunes fortunes-min prometheus docker-compose
 
 .PHONY: setup setup-system serve test lint proto
 
