@@ -1,0 +1,364 @@
+"""The Seqserve gRPC servicer: thin. Protobuf in, domain requests to the model's engine, events out.
+
+Validation and conversion live in `convert`, status codes in `errors` (this module only raises domain
+errors). Streams send the tokens of each engine step as they come; when the client reads slower than
+the engine decodes, the tokens that piled up go out together as one TokenChunk. A cancelled or
+disconnected client cancels the engine request, so its rows leave the batch at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import grpc
+
+from seqserve.v1 import service_pb2 as pb
+from seqserve.v1 import service_pb2_grpc as pb_grpc
+from seqserve.v1.manifest_pb2 import ModelKind
+from server.api import convert
+from server.api.convert import RequestLimits
+from server.api.errors import request_id_var
+from server.bundle import MANIFEST_FILE, BundleError, read_manifest
+from server.bundle.sessions import provider_name
+from server.engine.requests import FinishEvent, GenerationRequest, TokenEvent, TranslationRequest
+from server.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, SeqserveError, Unavailable
+
+logger = logging.getLogger(__name__)
+
+_KIND_OF_RPC = {"Translate": ModelKind.MODEL_KIND_SEQ2SEQ, "TranslateStream": ModelKind.MODEL_KIND_SEQ2SEQ,
+                "Generate": ModelKind.MODEL_KIND_LM}
+_SESSIONS_LATER = ("sessions are not served yet: CreateSession, Feed, GenerateInSession, ForkSession, "
+                   "GetSession, CloseSession and Converse come in a later release")
+
+
+class SeqserveServicer(pb_grpc.SeqserveServicer):
+    """Answers the Seqserve RPCs from the engines of `registry` (a `server.registry.ModelRegistry`)."""
+
+    def __init__(self, registry, limits: RequestLimits,
+                 observe_tokens: Callable[[str, float | None, float], None] | None = None):
+        self._registry = registry
+        self._limits = limits
+        # observe_tokens(model, seconds since the previous chunk (None for the first), seconds since start)
+        self._observe_tokens = observe_tokens or (lambda *args: None)
+
+    # --- translation -----------------------------------------------------------------------------------
+
+    async def Translate(self, request: pb.TranslateRequest, context) -> pb.TranslateResponse:
+        sources = convert.sources_from_pb(request.sources, self._limits)
+        params = convert.params_from_pb(request.options, self._limits)
+        model = await self._model(request.model, request.version, "Translate")
+        encoded = [model.encode_source(text, f"sources[{i}]") for i, text in enumerate(sources)]
+        deadline = _deadline(context)
+        streams = []
+        try:
+            for index, source_ids in enumerate(encoded):
+                streams.append(model.engine.submit(TranslationRequest(
+                    f"{request_id_var.get()}/{index}", source_ids, params, request.return_attention, deadline)))
+            results = await asyncio.gather(*(_collect(stream) for stream in streams))
+        finally:
+            for stream in streams:
+                stream.cancel()  # a no-op for finished ones; frees the rest if one failed
+        response = pb.TranslateResponse(model=model.name, version=model.version)
+        for source_ids, (finish, tokens) in zip(encoded, results, strict=True):
+            _raise_if_deadline(finish, context)
+            response.translations.append(model.translation(finish, tokens, source_ids, request.return_attention))
+        return response
+
+    async def TranslateStream(self, request: pb.TranslateStreamRequest, context
+                              ) -> AsyncIterator[pb.TranslateStreamResponse]:
+        arrived = time.perf_counter()
+        convert.check_text("source", request.source)
+        params = convert.params_from_pb(request.options, self._limits)
+        model = await self._model(request.model, request.version, "TranslateStream")
+        source_ids = model.encode_source(request.source, "source")
+        stream = model.engine.submit(TranslationRequest(request_id_var.get(), source_ids, params,
+                                                        request.return_attention, _deadline(context)))
+        tokens = _TokenLog()
+        # The proto promises beam translations no chunks: the full n-best list comes in .done.
+        async for item in self._chunks(stream, model, tokens, arrived, send_tokens=params.strategy != "beam"):
+            if isinstance(item, pb.TokenChunk):
+                yield pb.TranslateStreamResponse(chunk=item)
+                continue
+            _raise_if_deadline(item, context)
+            done = pb.TranslateStreamDone(model=model.name, version=model.version,
+                                          finish_reason=convert.finish_reason_to_pb(item.reason))
+            done.translation.CopyFrom(model.translation(item, tokens, source_ids, request.return_attention))
+            yield pb.TranslateStreamResponse(done=done)
+
+    # --- generation ------------------------------------------------------------------------------------
+
+    async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateResponse]:
+        arrived = time.perf_counter()
+        params = convert.params_from_pb(request.options, self._limits, single_result=True)
+        model = await self._model(request.model, request.version, "Generate")
+        prompt_ids = model.encode_prompt(request.prompt)
+        stream = model.engine.submit(GenerationRequest(request_id_var.get(), prompt_ids, params,
+                                                       deadline=_deadline(context)))
+        async for item in self._chunks(stream, model, _TokenLog(), arrived):
+            if isinstance(item, pb.TokenChunk):
+                yield pb.GenerateResponse(chunk=item)
+                continue
+            _raise_if_deadline(item, context)
+            best = item.hypotheses[0] if item.hypotheses else None
+            yield pb.GenerateResponse(done=pb.GenerationDone(
+                finish_reason=convert.finish_reason_to_pb(item.reason), prompt_tokens=item.prompt_tokens,
+                generated_tokens=len(item.generated_ids), text=item.text,
+                matched_stop=model.matched_stop(item, params.stop),
+                log_prob=best.log_prob if best is not None else 0.0, model=model.name, version=model.version))
+
+    # --- models ----------------------------------------------------------------------------------------
+
+    async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
+        models = []
+        for status in self._registry.models():
+            latest = status.serving_version if status.serving_version is not None else max(status.versions)
+            kind = status.manifest.kind if status.manifest is not None else None
+            models.append(convert.model_summary_to_pb(status.name, status.versions, latest, kind,
+                                                      ready=status.serving_version is not None))
+        return pb.ListModelsResponse(models=models)
+
+    async def GetModel(self, request: pb.GetModelRequest, context) -> pb.ModelInfo:
+        """The manifest and providers of a loaded version; a version on disk but not loaded (GetModel never
+        loads one) is described from its manifest with ready = false and no providers."""
+        name, version = _checked_name(request.model, request.version)
+        status = next((s for s in self._registry.models() if s.name == name), None)
+        if status is None:
+            raise NotFound(f"unknown model {name!r}; ListModels lists the models of this server")
+        version = version or (status.serving_version or max(status.versions))
+        if version in status.loaded_versions:
+            engine = await self._registry.get(name, version)
+            bundle = engine.bundle
+            return convert.model_info_to_pb(name, version, bundle.manifest, providers=bundle.providers,
+                                            requested_providers=bundle.requested_providers,
+                                            variant=bundle.variant, ready=engine.accepting)
+        if version not in status.versions:
+            raise NotFound(f"model {name!r} has no version {version}; it has {', '.join(map(str, status.versions))}")
+        try:
+            manifest = read_manifest(Path(self._registry.repository) / name / str(version) / MANIFEST_FILE)
+        except BundleError as error:
+            raise Unavailable(f"model {name} version {version} cannot be described: {error}") from error
+        return convert.model_info_to_pb(name, version, manifest,
+                                        requested_providers=[provider_name(p) for p in self._registry.providers],
+                                        variant=self._registry.variant)
+
+    # --- sessions: a later issue -----------------------------------------------------------------------
+
+    async def CreateSession(self, request, context):
+        await _unimplemented(context)
+
+    async def Feed(self, request, context):
+        await _unimplemented(context)
+
+    async def GenerateInSession(self, request, context):
+        await _unimplemented(context)
+        yield  # pragma: no cover - makes this a streaming handler
+
+    async def ForkSession(self, request, context):
+        await _unimplemented(context)
+
+    async def GetSession(self, request, context):
+        await _unimplemented(context)
+
+    async def CloseSession(self, request, context):
+        await _unimplemented(context)
+
+    async def Converse(self, request_iterator, context):
+        await _unimplemented(context)
+        yield  # pragma: no cover - makes this a streaming handler
+
+    # --- helpers ---------------------------------------------------------------------------------------
+
+    async def _model(self, name: str, version: int, rpc: str) -> ServedModel:
+        name, version = _checked_name(name, version)
+        engine = await self._registry.get(name, version)
+        model = ServedModel(engine, self._limits)
+        kind = _KIND_OF_RPC[rpc]
+        if model.kind != kind:
+            hint = " (use Generate)" if model.kind == ModelKind.MODEL_KIND_LM else " (use Translate)"
+            raise FailedPrecondition(f"{rpc} needs a {_kind_name(kind)} model; {model.name} v{model.version} "
+                                     f"is a {_kind_name(model.kind)} model{hint}")
+        return model
+
+    async def _chunks(self, stream, model: ServedModel, tokens: _TokenLog, arrived: float, send_tokens: bool = True
+                      ) -> AsyncIterator[pb.TokenChunk | FinishEvent]:
+        """TokenChunks of the stream's tokens (coalesced when several are ready), then its FinishEvent.
+
+        `arrived` (perf_counter) is when the call came in: time to first token counts from there.
+        """
+        previous = arrived
+        async for events in _ready_batches(stream):
+            token_events = [event for event in events if isinstance(event, TokenEvent)]
+            for event in token_events:
+                tokens.add(event)
+            if token_events and send_tokens:
+                first_index = len(tokens.ids) - sum(len(event.token_ids) for event in token_events)
+                chunk = model.chunk(token_events, first_index)
+                now = time.perf_counter()
+                self._observe_tokens(model.name, None if first_index == 0 else now - previous, now - arrived)
+                previous = now
+                yield chunk
+            for event in events:
+                if isinstance(event, FinishEvent):
+                    yield event
+
+
+class ServedModel:
+    """One engine's model as the API sees it: identity, tokenizers, and its answers as messages."""
+
+    def __init__(self, engine, limits: RequestLimits):
+        self.engine = engine
+        self.bundle = engine.bundle
+        self.name, self.version, self.kind = self.bundle.name, self.bundle.version, self.bundle.kind
+        self._limits = limits
+        special = self.bundle.manifest.special_tokens
+        self._bos = special.bos_id
+        self._output = self.bundle.tokenizer("text" if self.kind == ModelKind.MODEL_KIND_LM else "target")
+
+    def encode_source(self, text: str, field: str) -> list[int]:
+        return self._checked_length(field, self.bundle.tokenizer("source").encode(text).ids)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """<bos> then the prompt's tokens (an empty prompt generates from the start of a sequence)."""
+        ids = self.bundle.tokenizer("text").encode(text).ids if text else []
+        return [self._bos, *self._checked_length("prompt", ids)]
+
+    def chunk(self, events: list[TokenEvent], first_index: int) -> pb.TokenChunk:
+        ids = [token for event in events for token in event.token_ids]
+        log_probs = [p for event in events for p in (event.log_probs or ())]
+        alternatives = [a for event in events for a in (event.top_alternatives or ())]
+        return convert.chunk_to_pb(ids, "".join(event.text for event in events), first_index, self._output,
+                                   log_probs=log_probs, alternatives=alternatives)
+
+    def translation(self, finish: FinishEvent, tokens: _TokenLog, source_ids: list[int],
+                    return_attention: bool) -> pb.Translation:
+        translation = pb.Translation()
+        texts = finish.texts or [finish.text]
+        for index, hypothesis in enumerate(finish.hypotheses):
+            length = len(hypothesis.tokens)
+            # The streamed tokens are the best hypothesis' (greedy, sampling); beams stream none of theirs.
+            streamed = index == 0 and tokens.ids[:length] == list(hypothesis.tokens)
+            attention = None
+            if return_attention and finish.attention is not None and index < len(finish.attention):
+                attention = finish.attention[index][:length]  # one row per token of token_ids
+            translation.hypotheses.append(convert.hypothesis_to_pb(
+                hypothesis, self._output, text=texts[index] if index < len(texts) else None,
+                token_log_probs=tokens.log_probs[:length] if streamed and tokens.log_probs else None,
+                alternatives=tokens.alternatives[:length] if streamed and tokens.alternatives else None,
+                attention=attention))
+        if return_attention:
+            source = self.bundle.tokenizer("source")
+            translation.source_token_ids.extend(source_ids)
+            translation.source_tokens.extend(source.id_to_token(token) or "" for token in source_ids)
+        return translation
+
+    def matched_stop(self, finish: FinishEvent, stop: tuple[str, ...]) -> str:
+        """The stop string that ended a generation: the one found earliest in the generated text."""
+        if convert.finish_reason_to_pb(finish.reason) != pb.FINISH_REASON_STOP_SEQUENCE or not stop:
+            return ""
+        text = self._output.decode(finish.generated_ids)
+        found = [(text.find(s), i) for i, s in enumerate(stop) if s in text]
+        return stop[min(found)[1]] if found else ""
+
+    def _checked_length(self, field: str, ids: list[int]) -> list[int]:
+        if len(ids) > self._limits.max_input_tokens:
+            raise InvalidArgument(f"{field} must be at most {self._limits.max_input_tokens} tokens long, "
+                                  f"got {len(ids)} tokens", field=field, value=len(ids),
+                                  allowed=f"at most {self._limits.max_input_tokens} tokens")
+        return ids
+
+
+class _TokenLog:
+    """The per-token extras a stream carried (its FinishEvent's hypotheses do not repeat them)."""
+
+    def __init__(self):
+        self.ids: list[int] = []
+        self.log_probs: list[float] = []
+        self.alternatives: list = []
+
+    def add(self, event: TokenEvent) -> None:
+        self.ids += event.token_ids
+        if event.log_probs is not None:
+            self.log_probs += event.log_probs
+        if event.top_alternatives is not None:
+            self.alternatives += event.top_alternatives
+
+
+async def _collect(stream) -> tuple[FinishEvent, _TokenLog]:
+    tokens = _TokenLog()
+    async for event in stream:
+        if isinstance(event, TokenEvent):
+            tokens.add(event)
+        else:
+            return event, tokens
+    raise SeqserveError(f"request {stream.request_id} ended without a result")  # INTERNAL: an engine bug
+
+
+async def _ready_batches(stream) -> AsyncIterator[list]:
+    """The stream's events in lists: whatever was ready when the consumer came back for more.
+
+    A pump task reads the engine's stream as fast as the engine produces; the consumer (the gRPC
+    writer, held back by flow control) takes everything that piled up at once. Leaving early (client
+    gone) cancels the pump and the engine request.
+    """
+    queue: asyncio.Queue = asyncio.Queue()
+    end = object()
+
+    async def pump():
+        try:
+            async for event in stream:
+                queue.put_nowait(event)
+        except BaseException as error:  # noqa: B036 - handed to the consumer, which re-raises it
+            queue.put_nowait(error)
+        finally:
+            queue.put_nowait(end)
+
+    task = asyncio.create_task(pump())
+    try:
+        while True:
+            items = [await queue.get()]
+            while not queue.empty():
+                items.append(queue.get_nowait())
+            events = [item for item in items if item is not end and not isinstance(item, BaseException)]
+            if events:
+                yield events
+            for item in items:
+                if isinstance(item, BaseException):
+                    raise item
+            if any(item is end for item in items):
+                return
+    finally:
+        stream.cancel()
+        task.cancel()
+
+
+def _checked_name(name: str, version: int) -> tuple[str, int]:
+    if not name:
+        raise InvalidArgument(field="model", value=name, allowed="a model name (ListModels lists them)")
+    if version < 0:
+        raise InvalidArgument(field="version", value=version, allowed=">= 0 (0 = the latest)")
+    return name, version
+
+
+def _deadline(context) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def _raise_if_deadline(finish: FinishEvent, context) -> None:
+    """A request the engine cut short because its deadline passed is DEADLINE_EXCEEDED, not a result."""
+    remaining = context.time_remaining()
+    if convert.finish_reason_to_pb(finish.reason) == pb.FINISH_REASON_CANCELLED and remaining is not None \
+            and remaining <= 0:
+        raise DeadlineExceeded(f"the deadline passed after {len(finish.generated_ids)} generated tokens")
+
+
+async def _unimplemented(context) -> None:
+    await context.abort(grpc.StatusCode.UNIMPLEMENTED, _SESSIONS_LATER)
+
+
+def _kind_name(kind: int) -> str:
+    return {ModelKind.MODEL_KIND_LM: "language", ModelKind.MODEL_KIND_SEQ2SEQ: "seq2seq"}.get(kind, "unknown")

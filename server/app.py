@@ -1,0 +1,320 @@
+"""Process wiring: config -> model registry -> grpc.aio server (Seqserve, health, reflection) + /metrics.
+
+Lifecycle: `start()` loads the repository and binds the ports (port 0 picks a free one; the bound ports
+are on the App and in the "serving" log line); a repository poll publishes new versions; `drain()` (on
+SIGTERM or SIGINT) turns health to NOT_SERVING, refuses new calls with UNAVAILABLE, lets in-flight
+calls finish within the grace period, then stops the server and the engines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+
+import grpc
+import prometheus_client
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from seqserve.v1 import service_pb2
+from seqserve.v1 import service_pb2_grpc as pb_grpc
+from server.api.convert import RequestLimits
+from server.api.errors import SERVICE, StatusInterceptor, request_id_var
+from server.api.servicer import SeqserveServicer
+from server.config import ServerConfig
+from server.engine import EngineConfig
+from server.errors import Unavailable
+from server.metrics import Metrics
+from server.registry import ModelRegistry
+
+logger = logging.getLogger("server.app")
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class DrainGate:
+    """Counts in-flight Seqserve calls and refuses new ones once draining (StatusInterceptor calls it)."""
+
+    def __init__(self):
+        self.draining = False
+        self.active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        if self.draining:
+            raise Unavailable("the server is shutting down and takes no new requests; retry on another replica")
+        self.active += 1
+        self._idle.clear()
+
+    def exit(self) -> None:
+        self.active -= 1
+        if self.active == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float, give_up: asyncio.Event | None = None) -> bool:
+        """Whether every in-flight call finished within `timeout` seconds (or before `give_up` was set)."""
+        if self.active == 0:
+            return True
+        waiters = [asyncio.ensure_future(self._idle.wait())]
+        if give_up is not None:
+            waiters.append(asyncio.ensure_future(give_up.wait()))
+        try:
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+        return self.active == 0
+
+
+class App:
+    """One seqserve server process. `await start()`, then `await drain()` (or `run()` until a signal)."""
+
+    def __init__(self, config: ServerConfig, *, registry=None, metrics=None):
+        self.config = config
+        self.metrics = metrics
+        self.registry = registry
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+        self.gate = DrainGate()
+        self.health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._metrics_http = None
+        self._poller: asyncio.Task | None = None
+        self._known_models: frozenset[str] = frozenset()
+        self._stopped = asyncio.Event()
+        self._give_up = asyncio.Event()
+
+    async def start(self) -> None:
+        config = self.config
+        if self.metrics is None:
+            self.metrics = Metrics()
+        if self.registry is None:
+            self.registry = _make_registry(config, self.metrics)
+        await self.registry.start()
+
+        server = grpc.aio.server(
+            interceptors=[StatusInterceptor(observe=self._observe_call, gate=self.gate,
+                                            auth_token=config.auth_token)],
+            options=[("grpc.max_receive_message_length", config.max_receive_message_bytes),
+                     ("grpc.so_reuseport", 0)])  # a busy port is an error, never a silently shared one
+        pb_grpc.add_SeqserveServicer_to_server(
+            SeqserveServicer(self.registry, _limits(config), observe_tokens=self._observe_tokens), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (service_pb2.DESCRIPTOR.services_by_name["Seqserve"].full_name, health.SERVICE_NAME,
+             reflection.SERVICE_NAME), server)
+        self.port = server.add_insecure_port(f"{config.host}:{config.port}")
+        if self.port == 0:
+            raise OSError(f"cannot listen on {config.host}:{config.port} (in use?)")
+        await server.start()
+        self._server = server
+        if config.metrics_port >= 0:
+            self._metrics_http, _ = prometheus_client.start_http_server(
+                config.metrics_port, config.host, registry=self.metrics.registry)
+            self.metrics_port = self._metrics_http.server_port
+        await self._update_health()
+        if config.poll_interval_seconds > 0:
+            self._poller = asyncio.create_task(self._poll_forever())
+        logger.info("serving on %s:%d (metrics on port %s)", config.host, self.port, self.metrics_port,
+                    extra={"event": "serving", "grpc_port": self.port, "metrics_port": self.metrics_port,
+                           "repository": str(config.repository_path)})
+
+    async def run(self) -> int:
+        """Serve until SIGTERM or SIGINT, then drain (a second signal cuts the drain short); exit status 0."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+
+        def on_signal() -> None:
+            if stop.is_set():  # a second signal: stop waiting for in-flight calls
+                logger.warning("second signal: cancelling in-flight calls now")
+                self._give_up.set()
+            stop.set()
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, on_signal)
+        await self.start()
+        await stop.wait()
+        logger.info("signal received; draining", extra={"event": "draining"})
+        await self.drain()
+        return 0
+
+    async def drain(self, grace: float | None = None) -> None:
+        """Stop serving gracefully: health NOT_SERVING, new calls refused, in-flight ones finish (or are
+        cancelled after `grace` seconds, default the config's), then the server and engines stop."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        grace = self.config.drain_grace_seconds if grace is None else grace
+        deadline = time.monotonic() + grace
+        await self.health.enter_graceful_shutdown()
+        self.gate.draining = True
+        if self._poller is not None:
+            self._poller.cancel()
+        finished = await self.gate.wait_idle(grace, self._give_up)
+        if not finished:
+            logger.warning("%d calls still running after the %.1fs grace period (or a second signal); "
+                           "cancelling them", self.gate.active, grace)
+        if self._server is not None:
+            # Health watchers and the like are the only calls left: a short grace ends them cleanly.
+            await self._server.stop(max(0.0, min(1.0, deadline - time.monotonic())))
+        await self.registry.stop(max(0.0, deadline - time.monotonic()))
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+        logger.info("stopped", extra={"event": "stopped", "drained": finished})
+
+    # --- internals -------------------------------------------------------------------------------------
+
+    async def _poll_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.poll_interval_seconds)
+            try:
+                await self.registry.refresh()
+            except Exception:  # a broken bundle must not stop the server from serving the rest
+                logger.exception("polling the model repository failed")
+            await self._update_health()
+
+    async def _update_health(self) -> None:
+        """Overall health, and per model `seqserve.v1.Seqserve/MODEL`: SERVING when its latest version is."""
+        if self._stopped.is_set():
+            return
+        statuses = self.registry.models()
+        known = frozenset(status.name for status in statuses)
+        for status in statuses:
+            await self.health.set(f"{SERVICE}/{status.name}",
+                                  SERVING if status.serving_version is not None else NOT_SERVING)
+        for gone in self._known_models - known:  # removed from the repository
+            await self.health.set(f"{SERVICE}/{gone}", NOT_SERVING)
+        self._known_models = known
+        await self.health.set(SERVICE, SERVING)
+        await self.health.set(health.OVERALL_HEALTH, SERVING)
+
+    def _observe_call(self, rpc: str, model: str, code: str, seconds: float) -> None:
+        # Only names the repository has become label values: a client making up names must not be able
+        # to grow the metric without bound.
+        model = model if model in self._known_models else ""
+        self.metrics.requests_total.labels(model=model, rpc=rpc, code=code).inc()
+        self.metrics.request_duration_seconds.labels(model=model, rpc=rpc).observe(seconds)
+
+    def _observe_tokens(self, model: str, since_previous: float | None, since_start: float) -> None:
+        if since_previous is None:
+            self.metrics.time_to_first_token_seconds.labels(model=model).observe(since_start)
+        else:
+            self.metrics.inter_token_latency_seconds.labels(model=model).observe(since_previous)
+
+
+def _limits(config: ServerConfig) -> RequestLimits:
+    return RequestLimits(default_max_new_tokens=config.default_max_new_tokens, max_new_tokens=config.max_new_tokens,
+                         default_beam_size=config.default_beam_size, max_beam_size=config.max_beam_size,
+                         max_sources=config.max_sources, max_input_tokens=config.max_input_tokens)
+
+
+def _make_registry(config: ServerConfig, metrics: Metrics) -> ModelRegistry:
+    engine_config = EngineConfig(max_rows=config.max_rows_per_step, max_queued=config.max_queue,
+                                 max_input_tokens=config.max_input_tokens, max_new_tokens=config.max_new_tokens,
+                                 max_beam_size=config.max_beam_size)
+    return ModelRegistry(config.repository_path, config=engine_config, metrics=metrics, providers=config.providers,
+                         session_options=config.session_options, variant=config.variant,
+                         drain_seconds=config.drain_grace_seconds)
+
+
+# --- logs ---------------------------------------------------------------------------------------------------
+
+_RECORD_FIELDS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "request_id"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, request id, and any `extra` fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
+                 "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
+        request_id = getattr(record, "request_id", "-")
+        if request_id != "-":
+            entry["request_id"] = request_id
+        entry.update({key: value for key, value in vars(record).items() if key not in _RECORD_FIELDS})
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+class _RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id_var.get()
+        return True
+
+
+def setup_logging(log_format: str = "json", level: str = "info", stream=None) -> None:
+    """Route every logger to one stderr handler in `log_format`; request ids come from the call's context."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.addFilter(_RequestIdFilter())
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+
+
+class ServerThread:
+    """An App on its own event loop in a background thread, for programs (and tests) that are not async.
+
+        with ServerThread(config) as server:
+            channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    """
+
+    def __init__(self, config: ServerConfig, **app_kwargs):
+        self._config, self._app_kwargs = config, app_kwargs
+        self.loop = asyncio.new_event_loop()
+        self.app: App | None = None
+        self._thread = threading.Thread(target=self.loop.run_forever, name="seqserve-server", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self.app.port
+
+    def start(self, timeout: float = 60.0) -> ServerThread:
+        self._thread.start()
+        self.app = self.call(self._make_app(), timeout)
+        self.call(self.app.start(), timeout)
+        return self
+
+    def call(self, coroutine, timeout: float | None = 60.0):
+        """Run `coroutine` on the server's loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def stop(self, grace: float = 0.0) -> None:
+        if self.app is not None:
+            self.call(self.app.drain(grace), timeout=grace + 60)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    async def _make_app(self) -> App:
+        return App(self._config, **self._app_kwargs)  # built on the loop: its asyncio objects belong there
+
+
+async def serve(config: ServerConfig) -> int:
+    """Run one server until a signal; the process exit status."""
+    app = App(config)
+    try:
+        return await app.run()
+    finally:
+        with contextlib.suppress(Exception):
+            await app.drain(0)

@@ -1,0 +1,295 @@
+"""`seqserve client`: call a running server from a shell or a script.
+
+    seqserve client [--target HOST:PORT] models [--model NAME [--version N]] [--json]
+    seqserve client translate [--model NAME] [--stream] [decoding options] TEXT...
+    seqserve client generate [--model NAME] [decoding options] TEXT...
+
+`--model` may be left out when the server has exactly one model of the kind the command needs.
+`generate` writes text to stdout as it arrives. With `--json` every answer is one JSON object per line.
+A failed call exits 1 and prints the status code name and the server's message ("INVALID_ARGUMENT:
+options.top_p must be in (0, 1], got 1.5"); a usage error exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import grpc
+from google.protobuf import json_format
+from grpc_status import rpc_status
+
+from seqserve.v1 import service_pb2 as pb
+from seqserve.v1 import service_pb2_grpc as pb_grpc
+from seqserve.v1.manifest_pb2 import ModelKind
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+EXIT_FAILED_CALL = 1
+EXIT_USAGE = 2
+_SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "seed")
+
+
+class ClientError(Exception):
+    """A failure to report as `CODE: message` and exit 1 (a failed call, or a check done before it)."""
+
+    def __init__(self, code: str, message: str, details: list | None = None):
+        super().__init__(f"{code}: {message}")
+        self.code, self.message, self.details = code, message, details or []
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS keeps a flag given before the command from being reset by the subparser's default.
+    common.add_argument("--target", default=argparse.SUPPRESS,
+                        help=f"server address (default $SEQSERVE_TARGET or {DEFAULT_TARGET})")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print answers as JSON, one object per line")
+    common.add_argument("--timeout", type=float, default=argparse.SUPPRESS, help="deadline in seconds")
+    common.add_argument("--token", default=argparse.SUPPRESS,
+                        help="bearer token when the server has auth on (default $SEQSERVE_AUTH_TOKEN)")
+    common.add_argument("--request-id", default=argparse.SUPPRESS, help="id shown in the server's logs")
+
+    parser = argparse.ArgumentParser(prog="seqserve client", parents=[common],
+                                     description="Call a running seqserve server.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    models = commands.add_parser("models", parents=[common], help="list models, or describe one with --model")
+    models.add_argument("--model", help="describe this model (GetModel) instead of listing")
+    models.add_argument("--version", type=int, default=0, help="version to describe (default: latest)")
+
+    for name, help_ in (("translate", "translate TEXT (one source per argument)"),
+                        ("generate", "continue the prompt TEXT (arguments joined by spaces)")):
+        command = commands.add_parser(name, parents=[common], help=help_)
+        command.add_argument("--model", help="model name (optional if only one model fits)")
+        command.add_argument("--version", type=int, default=0, help="model version (default: latest)")
+        _add_decoding_flags(command)
+        if name == "translate":
+            command.add_argument("--stream", action="store_true", help="stream tokens (TranslateStream)")
+            command.add_argument("--attention", action="store_true", help="return attention weights")
+        command.add_argument("text", nargs="*" if name == "generate" else "+", metavar="TEXT")
+    return parser
+
+
+def _add_decoding_flags(command: argparse.ArgumentParser) -> None:
+    group = command.add_argument_group("decoding options (unset = the server's defaults)")
+    group.add_argument("--strategy", choices=("greedy", "sample", "beam"),
+                       help="default: beam if --beam-size is given, sample if a sampling flag is, else greedy")
+    group.add_argument("--max-new-tokens", type=int)
+    group.add_argument("--min-new-tokens", type=int)
+    group.add_argument("--temperature", type=float)
+    group.add_argument("--top-k", type=int)
+    group.add_argument("--top-p", type=float)
+    group.add_argument("--seed", type=int)
+    group.add_argument("--beam-size", type=int)
+    group.add_argument("--n-best", type=int)
+    group.add_argument("--length-penalty", type=float)
+    group.add_argument("--early-stopping", action="store_true")
+    group.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    group.add_argument("--repetition-penalty", type=float)
+    group.add_argument("--no-repeat-ngram-size", type=int)
+    group.add_argument("--log-probs", action="store_true", help="return each token's log-probability")
+    group.add_argument("--top-log-probs", type=int, help="return this many alternatives per token")
+
+
+def decoding_options(args: argparse.Namespace) -> pb.DecodingOptions:
+    """DecodingOptions from the flags; unset flags stay unset so the server's defaults apply."""
+    strategy = args.strategy
+    if strategy is None:
+        if args.beam_size is not None or args.n_best is not None:
+            strategy = "beam"
+        elif any(getattr(args, flag) is not None for flag in _SAMPLING_FLAGS):
+            strategy = "sample"
+        else:
+            strategy = "greedy"
+    options = pb.DecodingOptions(strategy=pb.DecodingOptions.Strategy.Value(f"STRATEGY_{strategy.upper()}"),
+                                 stop=args.stop, early_stopping=args.early_stopping,
+                                 return_log_probs=args.log_probs)
+    for flag in ("max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p", "seed", "beam_size",
+                 "n_best", "length_penalty", "repetition_penalty", "no_repeat_ngram_size"):
+        value = getattr(args, flag)
+        if value is not None:
+            try:
+                setattr(options, flag, value)
+            except ValueError as error:  # e.g. a negative seed into a uint64
+                raise ClientError("INVALID_ARGUMENT", f"--{flag.replace('_', '-')}: {error}") from None
+    if args.top_log_probs is not None:
+        options.top_log_probs = args.top_log_probs
+    return options
+
+
+class Client:
+    """One channel to the server and the calls the commands make."""
+
+    def __init__(self, target: str, timeout: float | None = None, token: str | None = None,
+                 request_id: str | None = None):
+        self.channel = grpc.insecure_channel(target)
+        self.stub = pb_grpc.SeqserveStub(self.channel)
+        self.timeout = timeout
+        self.metadata = []
+        if token:
+            self.metadata.append(("authorization", f"Bearer {token}"))
+        self.request_id = request_id or ""
+
+    def call(self, method: str, request):
+        return getattr(self.stub, method)(request, timeout=self.timeout, metadata=self.metadata)
+
+    def resolve_model(self, name: str | None, kind: int) -> str:
+        """The model to use: `name`, or the only model of `kind` on the server."""
+        if name:
+            return name
+        fitting = [m.name for m in self.call("ListModels", pb.ListModelsRequest()).models if m.kind == kind]
+        kind_name = "translation (seq2seq)" if kind == ModelKind.MODEL_KIND_SEQ2SEQ else "language"
+        if len(fitting) != 1:
+            found = f"several: {', '.join(fitting)}" if fitting else "none"
+            raise ClientError("FAILED_PRECONDITION",
+                              f"--model is needed unless the server has exactly one {kind_name} model; it has {found}")
+        return fitting[0]
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0) and EXIT_USAGE
+    as_json = getattr(args, "json", False)
+    client = Client(getattr(args, "target", None) or os.environ.get("SEQSERVE_TARGET") or DEFAULT_TARGET,
+                    timeout=getattr(args, "timeout", None),
+                    token=getattr(args, "token", None) or os.environ.get("SEQSERVE_AUTH_TOKEN"),
+                    request_id=getattr(args, "request_id", None))
+    try:
+        {"models": run_models, "translate": run_translate, "generate": run_generate}[args.command](
+            client, args, as_json)
+    except grpc.RpcError as error:
+        return report(_from_rpc_error(error), as_json)
+    except ClientError as error:
+        return report(error, as_json)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        client.close()
+    return 0
+
+
+def run_models(client: Client, args, as_json: bool) -> None:
+    if args.model:
+        info = client.call("GetModel", pb.GetModelRequest(model=args.model, version=args.version))
+        if as_json:
+            _print_json(info)
+            return
+        manifest = info.manifest
+        print(f"{info.name} v{info.version} {ModelKind.Name(manifest.kind)} {manifest.cell} "
+              f"variant={info.variant} ready={info.ready}")
+        print(f"providers: {', '.join(info.providers) or '-'} (asked: {', '.join(info.requested_providers)})")
+        for metric, value in sorted(manifest.metrics.items()):
+            print(f"{metric}: {value:g}")
+        return
+    response = client.call("ListModels", pb.ListModelsRequest())
+    if as_json:
+        _print_json(response)
+        return
+    for model in response.models:
+        print(f"{model.name}\t{ModelKind.Name(model.kind)}\tversions {','.join(map(str, model.versions))}"
+              f"\tlatest {model.latest_version}\t{'ready' if model.ready else 'not ready'}")
+
+
+def run_translate(client: Client, args, as_json: bool) -> None:
+    for index, text in enumerate(args.text):
+        _check_utf8(f"sources[{index}]", text)
+    options = decoding_options(args)
+    model = client.resolve_model(args.model, ModelKind.MODEL_KIND_SEQ2SEQ)
+    if args.stream:
+        for text in args.text:
+            request = pb.TranslateStreamRequest(model=model, version=args.version, source=text, options=options,
+                                                return_attention=args.attention, request_id=client.request_id)
+            _stream(client.call("TranslateStream", request), as_json)
+        return
+    request = pb.TranslateRequest(model=model, version=args.version, sources=args.text, options=options,
+                                  return_attention=args.attention, request_id=client.request_id)
+    response = client.call("Translate", request)
+    if as_json:
+        _print_json(response)
+        return
+    for translation in response.translations:
+        if len(translation.hypotheses) == 1:
+            print(translation.hypotheses[0].text)
+            continue
+        for hypothesis in translation.hypotheses:
+            print(f"{hypothesis.score:.4f}\t{hypothesis.text}")
+        print()
+
+
+def run_generate(client: Client, args, as_json: bool) -> None:
+    prompt = " ".join(args.text)
+    _check_utf8("prompt", prompt)
+    options = decoding_options(args)
+    model = client.resolve_model(args.model, ModelKind.MODEL_KIND_LM)
+    request = pb.GenerateRequest(model=model, version=args.version, prompt=prompt, options=options,
+                                 request_id=client.request_id)
+    _stream(client.call("Generate", request), as_json)
+
+
+def _stream(responses, as_json: bool) -> None:
+    """Print a chunk/done stream: text as it arrives, or one JSON object per message."""
+    for response in responses:
+        if as_json:
+            _print_json(response)
+        elif response.WhichOneof("event") == "chunk":
+            sys.stdout.write(response.chunk.text)
+            sys.stdout.flush()
+    if not as_json:
+        sys.stdout.write("\n")
+
+
+def report(error: ClientError, as_json: bool) -> int:
+    print(f"{error.code}: {error.message}", file=sys.stderr)
+    for detail in error.details:
+        print(f"  {detail}", file=sys.stderr)
+    if as_json:
+        print(json.dumps({"error": {"code": error.code, "message": error.message, "details": error.details}}))
+    return EXIT_FAILED_CALL
+
+
+def _from_rpc_error(error: grpc.RpcError) -> ClientError:
+    code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+    message = error.details() if hasattr(error, "details") else str(error)
+    details = []
+    try:
+        status = rpc_status.from_call(error)
+    except Exception:  # a trailer that does not match the status is the server's bug, not a reason to crash
+        status = None
+    if status is not None:
+        from google.rpc import error_details_pb2
+
+        for packed in status.details:
+            if packed.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad_request = error_details_pb2.BadRequest()
+                packed.Unpack(bad_request)
+                details += [f"field {v.field}: {v.description}" for v in bad_request.field_violations]
+    return ClientError(code.name if code is not None else "UNKNOWN", message or "", details)
+
+
+def _check_utf8(field: str, text: str) -> None:
+    # Arguments that are not UTF-8 reach Python as lone surrogates, which protobuf cannot even encode;
+    # the server would refuse them the same way.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            raw = text.encode("utf-8", "surrogateescape")  # the bytes as they were given
+        except UnicodeEncodeError:
+            raw = text.encode("utf-8", "surrogatepass")
+        raise ClientError("INVALID_ARGUMENT", f"{field} must be valid UTF-8, got the bytes {raw[:32]!r}") from None
+
+
+def _print_json(message) -> None:
+    print(json.dumps(json_format.MessageToDict(message, preserving_proto_field_name=True), ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,229 @@
+"""The server's configuration: one dataclass, loaded from defaults, a TOML file, `SEQSERVE_*` variables, flags.
+
+Precedence, lowest first: the defaults below, the TOML file (`--config FILE`, or `SEQSERVE_CONFIG`), the
+environment (`SEQSERVE_<FIELD>` in upper case, e.g. `SEQSERVE_PORT=50052`, `SEQSERVE_PROVIDERS=CUDA
+ExecutionProvider,CPUExecutionProvider`), then command-line flags. The TOML file is flat: its keys are
+the field names below. An unknown key or a value of the wrong type is refused with a message naming it,
+so a misspelt setting never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: tomli is the same parser under its old name
+    import tomli as tomllib  # type: ignore[no-redef]
+
+ENV_PREFIX = "SEQSERVE_"
+LOG_FORMATS = ("json", "text")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+
+
+class ConfigError(ValueError):
+    """A setting is unknown or out of range; the message names the setting, its source and value."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Every setting of `seqserve serve`, with its default and what it does."""
+
+    # --- where the models are, and where the server listens
+    repository: str = "models"  # model repository (models/NAME/VERSION/); relative to the working directory
+    host: str = "127.0.0.1"  # gRPC and /metrics bind address; "0.0.0.0" in a container
+    port: int = 50051  # gRPC port; 0 = a free port, reported in the "serving" log line
+    metrics_port: int = 9464  # Prometheus /metrics HTTP port; 0 = a free port; -1 = no /metrics
+    # --- ONNX Runtime
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)  # execution providers, most preferred first
+    variant: str = "fp32"  # graph variant to serve: fp32 | fp16 | int8
+    intra_op_threads: int = 0  # threads inside one operator; 0 = ONNX Runtime decides
+    inter_op_threads: int = 0  # threads across operators; 0 = ONNX Runtime decides
+    graph_optimization_level: str = "all"  # disable | basic | extended | all
+    # --- engine limits (per loaded model)
+    max_rows_per_step: int = 256  # batch rows (requests x beams) advanced by one decode step
+    max_queue: int = 1024  # requests waiting for rows; more are refused with RESOURCE_EXHAUSTED
+    max_input_tokens: int = 512  # prompt / source tokens; longer inputs are INVALID_ARGUMENT
+    max_new_tokens: int = 512  # the most a request may ask for
+    default_max_new_tokens: int = 64  # what a request that leaves max_new_tokens at 0 gets
+    max_beam_size: int = 16  # the widest beam a request may ask for
+    default_beam_size: int = 4  # what a beam request that leaves beam_size at 0 gets
+    max_sources: int = 64  # source texts in one Translate request
+    # --- gRPC transport
+    max_receive_message_bytes: int = 4 * 1024 * 1024  # larger requests get RESOURCE_EXHAUSTED
+    auth_token: str = field(default="", repr=False)  # when set, Seqserve RPCs need "authorization: Bearer <it>"
+    # --- lifecycle
+    poll_interval_seconds: float = 5.0  # rescan the repository for new versions this often; 0 = never
+    drain_grace_seconds: float = 30.0  # on SIGTERM, in-flight requests get this long to finish
+    # --- logs
+    log_format: str = "json"  # json (one object per line) | text
+    log_level: str = "info"  # debug | info | warning | error
+
+    def __post_init__(self):
+        if isinstance(self.providers, (list, str)):
+            object.__setattr__(self, "providers", _split_list(self.providers))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first setting outside its range."""
+        _check(bool(self.repository), "repository", self.repository, "a directory path")
+        _check(bool(self.host), "host", self.host, "a host name or address")
+        _check(0 <= self.port <= 65535, "port", self.port, "in [0, 65535] (0 = a free port)")
+        _check(-1 <= self.metrics_port <= 65535, "metrics_port", self.metrics_port,
+               "in [-1, 65535] (0 = a free port, -1 = off)")
+        _check(bool(self.providers) and all(self.providers), "providers", self.providers,
+               "a non-empty list of ONNX Runtime execution provider names")
+        _check(self.variant in ("fp32", "fp16", "int8"), "variant", self.variant, "one of fp32, fp16, int8")
+        for name in ("intra_op_threads", "inter_op_threads"):
+            _check(getattr(self, name) >= 0, name, getattr(self, name), ">= 0 (0 = ONNX Runtime decides)")
+        _check(self.graph_optimization_level in OPTIMIZATION_LEVELS, "graph_optimization_level",
+               self.graph_optimization_level, "one of " + ", ".join(OPTIMIZATION_LEVELS))
+        for name in ("max_rows_per_step", "max_queue", "max_input_tokens", "max_new_tokens", "max_beam_size",
+                     "max_sources", "max_receive_message_bytes"):
+            _check(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
+        _check(1 <= self.default_max_new_tokens <= self.max_new_tokens, "default_max_new_tokens",
+               self.default_max_new_tokens, f"in [1, max_new_tokens={self.max_new_tokens}]")
+        _check(1 <= self.default_beam_size <= self.max_beam_size, "default_beam_size", self.default_beam_size,
+               f"in [1, max_beam_size={self.max_beam_size}]")
+        _check(self.max_beam_size <= self.max_rows_per_step, "max_beam_size", self.max_beam_size,
+               f"at most max_rows_per_step={self.max_rows_per_step} (a beam request needs all its rows)")
+        _check(self.poll_interval_seconds >= 0, "poll_interval_seconds", self.poll_interval_seconds,
+               ">= 0 (0 = never)")
+        _check(self.drain_grace_seconds >= 0, "drain_grace_seconds", self.drain_grace_seconds, ">= 0")
+        _check(self.log_format in LOG_FORMATS, "log_format", self.log_format, "one of " + ", ".join(LOG_FORMATS))
+        _check(self.log_level in LOG_LEVELS, "log_level", self.log_level, "one of " + ", ".join(LOG_LEVELS))
+
+    @property
+    def repository_path(self) -> Path:
+        return Path(self.repository).expanduser()
+
+    @property
+    def session_options(self) -> dict[str, Any]:
+        """ONNX Runtime session options in the form `server.bundle.make_session_options` takes."""
+        return {"intra_op_num_threads": self.intra_op_threads, "inter_op_num_threads": self.inter_op_threads,
+                "graph_optimization_level": self.graph_optimization_level}
+
+    def to_toml(self, *, redact: bool = True) -> str:
+        """The effective settings as TOML that `load_config` reads back (the auth token hidden if `redact`)."""
+        lines = []
+        for spec in fields(self):
+            value = getattr(self, spec.name)
+            if spec.name == "auth_token" and value and redact:
+                value = "<redacted>"
+            lines.append(f"{spec.name} = {_toml_value(value)}\n")
+        return "".join(lines)
+
+    def replace(self, **changes: Any) -> ServerConfig:
+        """A copy with `changes` applied (None values are ignored, so unset flags change nothing)."""
+        changes = {key: value for key, value in changes.items() if value is not None}
+        return dataclasses.replace(self, **_coerce_all(changes, "override")) if changes else self
+
+
+def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None,
+                **overrides: Any) -> ServerConfig:
+    """Defaults, then the TOML file at `path` (or `$SEQSERVE_CONFIG`), then `SEQSERVE_*` variables, then
+    `overrides` (flags; None means "not given")."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    path = path or env.get(ENV_PREFIX + "CONFIG") or None
+    if path is not None:
+        values.update(_coerce_all(_read_toml(Path(path)), f"config file {path}"))
+    values.update(_from_env(env))
+    values.update(_coerce_all({k: v for k, v in overrides.items() if v is not None}, "command line"))
+    return ServerConfig(**values)
+
+
+_FIELDS = {spec.name: spec for spec in fields(ServerConfig)}
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"config file {path} is not valid TOML: {error}") from error
+    return data
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    values = {}
+    for key, text in env.items():
+        if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "CONFIG":
+            continue
+        name = key[len(ENV_PREFIX):].lower()
+        if name not in _FIELDS:
+            raise ConfigError(f"unknown setting {key} in the environment; known: "
+                              + ", ".join(ENV_PREFIX + n.upper() for n in _FIELDS))
+        values[name] = _parse_text(name, text, f"environment variable {key}")
+    return values
+
+
+def _coerce_all(values: Mapping[str, Any], source: str) -> dict[str, Any]:
+    unknown = sorted(set(values) - set(_FIELDS))
+    if unknown:
+        raise ConfigError(f"unknown setting {unknown[0]!r} in the {source}; known: {', '.join(_FIELDS)}")
+    return {name: _coerce(name, value, source) for name, value in values.items()}
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    """Check a TOML/flag value's type against the field's default (ints are accepted for floats)."""
+    default = getattr(_DEFAULTS, name)
+    if isinstance(default, tuple):
+        if isinstance(value, str):
+            return _split_list(value)
+        if isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value):
+            return tuple(value)
+        raise ConfigError(f"{name} in the {source} must be a list of strings, got {value!r}")
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is not type(default):
+        raise ConfigError(f"{name} in the {source} must be {type(default).__name__}, got {value!r}")
+    return value
+
+
+def _parse_text(name: str, text: str, source: str) -> Any:
+    default = getattr(_DEFAULTS, name)
+    try:
+        if isinstance(default, tuple):
+            return _split_list(text)
+        if isinstance(default, bool):
+            if text.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError
+            return text.lower() in ("1", "true", "yes")
+        return type(default)(text)
+    except ValueError:
+        raise ConfigError(f"{name} from the {source} must be {type(default).__name__}, got {text!r}") from None
+
+
+def _split_list(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    items = value.split(",") if isinstance(value, str) else value
+    return tuple(item.strip() for item in items if item.strip())
+
+
+def _check(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name} must be {allowed}, got {value!r}")
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "[" + ", ".join(json.dumps(item) for item in value) + "]"
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+_DEFAULTS = ServerConfig()  # after the helpers it validates with
+
+__all__ = ["ConfigError", "ServerConfig", "load_config"]

@@ -1,0 +1,21 @@
+"""The limits one model's engine works within, one block of defaults with a comment each."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_rows: int = 256  # rows advanced per decode step; a beam request holds beam_size rows
+    max_queued: int = 1024  # requests waiting for rows (sessions' feeds included); beyond: RESOURCE_EXHAUSTED
+    max_input_tokens: int = 2048  # prompt, source or fed tokens of one request; beyond: INVALID_ARGUMENT
+    max_new_tokens: int = 1024  # the highest max_new_tokens a request may ask for
+    max_beam_size: int = 16  # the highest beam_size a request may ask for (beam requests: also <= max_rows)
+    max_prefill_tokens: int = 8192  # padded tokens (rows x longest) per prefill call; one request always fits
+
+    def __post_init__(self):
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"engine setting {field.name} must be a positive integer, got {value!r}")

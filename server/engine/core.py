@@ -1,0 +1,265 @@
+"""One engine step, synchronous, run by the engine's worker thread: drop, admit, run, choose, stop, emit.
+
+Every active row advances in one decode call. Newly admitted requests are prefilled (LM) or encoded
+(seq2seq) together in one call first, then join the batch. The per-step work on rows is a handful of
+numpy calls whatever their number; Python loops run per request only, to turn tokens into events.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from server.bundle import LoadedBundle
+from server.decoding import BeamSearch, FinishReason, RowParams, TokenChooser
+from server.engine.batch import CHOOSER_GROUP, ChooserRows, DecodeBatch, State, take_rows
+from server.engine.beams import BeamGroupStep, step_beam_group
+from server.engine.requests import Event, FeedRequest, GenerationRequest
+from server.engine.runner import Runner
+from server.engine.scheduler import Entry, Plan
+from server.engine.text import TextStream
+from server.engine.tracking import Tracked
+
+
+@dataclass
+class StepResult:
+    """What a step produced, for the event loop to deliver and count."""
+
+    events: list[tuple[Entry, Event]] = field(default_factory=list)  # in the order they happened
+    finished: list[tuple[Entry, str]] = field(default_factory=list)  # requests that ended, and why
+    dropped: dict[int, Event] = field(default_factory=dict)  # slot -> partial finish event (cancelled)
+    feeds: list[tuple[Entry, State, np.ndarray | None]] = field(default_factory=list)
+    rows: int = 0  # rows of the decode call (0: none ran)
+    decode_seconds: float = 0.0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+
+
+class EngineCore:
+    """The batch, the decoding state of its rows, and the step that advances them."""
+
+    def __init__(self, bundle: LoadedBundle, runner: Runner):
+        manifest = bundle.manifest
+        self.runner = runner
+        self.is_lm = runner.is_lm
+        self.eos_id = manifest.special_tokens.eos_id
+        self.bos_id = manifest.special_tokens.bos_id
+        self.vocab_size = manifest.sizes.vocab_size
+        self.tokenizer = bundle.tokenizer("text" if self.is_lm else "target")
+        self.chooser = TokenChooser(self.eos_id)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every row (after a failed step, or to start over)."""
+        self.batch = DecodeBatch.empty(self.runner.state_shapes, self.runner.memory_size)
+        self.choosers = ChooserRows.empty(self.vocab_size)
+        self.beams: dict[int, BeamSearch] = {}
+        self.tracked: dict[int, Tracked] = {}
+
+    def step(self, plan: Plan) -> StepResult:
+        result = StepResult()
+        dropped = plan.dropped_slots()
+        if dropped:
+            self._drop(dropped, result)
+        if plan.admit:
+            self._admit(plan.admit, result)
+        if len(self.batch) == 0:
+            return result
+        started = time.perf_counter()
+        log_probs, state, attention = self.runner.decode(self.batch)
+        result.decode_seconds = time.perf_counter() - started
+        result.rows = len(self.batch)
+        self._advance(log_probs, state, attention, result)
+        return result
+
+    # --- rows leave -----------------------------------------------------------------------------
+
+    def _drop(self, slots: list[int], result: StepResult) -> None:
+        leaving = [slot for slot in slots if slot in self.tracked]
+        if not leaving:
+            return
+        keep = ~np.isin(self.batch.owners, np.array(leaving, dtype=np.int64))
+        self.choosers = self.choosers.filter(keep[self.batch.groups == CHOOSER_GROUP])
+        for beam in self.beams.values():
+            beam.leave(leaving)
+        self.batch = self.batch.filter(keep)
+        for slot in leaving:
+            result.dropped[slot] = self.tracked.pop(slot).finish_event(FinishReason.CANCELLED)
+
+    # --- rows join ------------------------------------------------------------------------------
+
+    def _admit(self, entries: list[Entry], result: StepResult) -> None:
+        feeds = [e for e in entries if e.is_feed]
+        requests = [e for e in entries if not e.is_feed]
+        result.prompt_tokens += sum(e.input_tokens for e in entries)
+        if self.is_lm:
+            starts = self._prefill(requests, feeds, result)
+            tokens = np.array([e.request.prompt_ids[-1] for e in requests], dtype=np.int64)
+            memory = mask = None
+        elif requests:
+            memory, mask, starts = self.runner.encode([e.request.source_ids for e in requests])
+            tokens = np.full(len(requests), self.bos_id, dtype=np.int64)
+        if not requests:
+            return
+        repeats = np.array([e.rows for e in requests], dtype=np.int64)
+        groups = [CHOOSER_GROUP if e.params.strategy != "beam" else e.params.beam_size for e in requests]
+        arrivals = DecodeBatch(
+            state=tuple(np.repeat(s, repeats, axis=0) for s in starts),
+            tokens=np.repeat(tokens, repeats),
+            owners=np.repeat(np.array([e.slot for e in requests], dtype=np.int64), repeats),
+            groups=np.repeat(np.array(groups, dtype=np.int64), repeats),
+            memory=None if memory is None else np.repeat(memory, repeats, axis=0),
+            mask=None if mask is None else np.repeat(mask, repeats, axis=0),
+        )
+        histories = [self._history(e) for e in requests]
+        chosen = [i for i, g in enumerate(groups) if g == CHOOSER_GROUP]
+        if chosen:
+            rows = RowParams.concatenate([RowParams.from_params(requests[i].params) for i in chosen])
+            part = ChooserRows.start(rows, [histories[i] for i in chosen], self.vocab_size)
+            self.choosers = ChooserRows.concatenate([self.choosers, part])
+        for size in sorted({g for g in groups if g != CHOOSER_GROUP}):
+            joining = [i for i, g in enumerate(groups) if g == size]
+            beam = self.beams.get(size)
+            if beam is None:
+                beam = self.beams[size] = BeamSearch(size, self.vocab_size, self.eos_id)
+            beam.join([requests[i].slot for i in joining], [requests[i].params for i in joining],
+                      [histories[i] for i in joining] if self.is_lm else None)
+        self.batch = DecodeBatch.concatenate([self.batch, arrivals])
+        for entry, history in zip(requests, histories, strict=True):
+            self.tracked[entry.slot] = self._track(entry, history)
+
+    def _prefill(self, requests: list[Entry], feeds: list[Entry], result: StepResult) -> State:
+        """Prefill every admitted prompt (all but its last token) and every feed in one call; return the
+        starting state of each request's row."""
+        starts = [self._initial(e.request.initial_state) for e in requests]
+        jobs = [(i, e.request.prompt_ids[:-1], starts[i]) for i, e in enumerate(requests)
+                if len(e.request.prompt_ids) > 1]
+        jobs += [(None, e.request.token_ids, self._initial(e.request.state)) for e in feeds]
+        if jobs:
+            state_in = tuple(np.concatenate(parts) for parts in zip(*(s for _, _, s in jobs), strict=True))
+            want = any(e.request.want_log_probs for e in feeds)
+            state_out, log_probs = self.runner.prefill([seq for _, seq, _ in jobs], state_in, want)
+            for row, (index, _, _) in enumerate(jobs):
+                if index is not None:
+                    starts[index] = tuple(s[row : row + 1] for s in state_out)
+            first_feed = len(jobs) - len(feeds)
+            for row, entry in enumerate(feeds, start=first_feed):
+                state = tuple(s[row : row + 1].copy() for s in state_out)
+                scores = _feed_log_probs(entry.request, log_probs[row]) if entry.request.want_log_probs else None
+                result.feeds.append((entry, state, scores))
+        if not requests:
+            return ()
+        return tuple(np.concatenate(parts) for parts in zip(*starts, strict=True))
+
+    def _initial(self, state: State | None) -> State:
+        if state is None:
+            return self.runner.zero_state(1)
+        return tuple(np.ascontiguousarray(s, dtype=np.float32) for s in state)
+
+    def _history(self, entry: Entry) -> list[int]:
+        request = entry.request
+        if not isinstance(request, GenerationRequest):
+            return []
+        return list(request.history_ids if request.history_ids is not None else request.prompt_ids)
+
+    def _track(self, entry: Entry, history: list[int]) -> Tracked:
+        request = entry.request
+        source_length = 0 if self.is_lm else len(request.source_ids)
+        tracked = Tracked(entry=entry, text=self._text_stream(entry, history),
+                          prompt_tokens=entry.input_tokens, source_length=source_length)
+        if tracked.wants_attention:
+            if entry.params.strategy == "beam":
+                tracked.beam_trail = np.zeros((entry.rows, 0, source_length), dtype=np.float32)
+            else:
+                tracked.attention = []
+        return tracked
+
+    def _text_stream(self, entry: Entry, history: list[int]) -> TextStream:
+        return TextStream(self.tokenizer, entry.params.stop, context_ids=history)
+
+    # --- one step of every row ------------------------------------------------------------------
+
+    def _advance(self, log_probs: np.ndarray, state: State, attention: np.ndarray | None,
+                 result: StepResult) -> None:
+        batch = self.batch
+        index_parts, token_parts, memory_parts = [], [], []
+        chooser_rows = np.flatnonzero(batch.groups == CHOOSER_GROUP)
+        if chooser_rows.size:
+            keep, tokens = self._choose(chooser_rows, log_probs, state, attention, result)
+            index_parts.append(chooser_rows[keep])
+            memory_parts.append(chooser_rows[keep])
+            token_parts.append(tokens[keep])
+        for size, beam in self.beams.items():
+            if not len(beam):
+                continue
+            rows = np.flatnonzero(batch.groups == size)
+            group = step_beam_group(beam, rows, log_probs, attention, self.tracked)
+            self._emit_beams(group, result)
+            index_parts.append(group.index)
+            memory_parts.append(group.memory_index)
+            token_parts.append(group.tokens)
+        self.batch = batch.advance(state, np.concatenate(index_parts), np.concatenate(token_parts),
+                                   np.concatenate(memory_parts))
+
+    def _choose(self, rows: np.ndarray, log_probs: np.ndarray, state: State, attention: np.ndarray | None,
+                result: StepResult) -> tuple[np.ndarray, np.ndarray]:
+        choosers = self.choosers
+        choice = self.chooser.choose(take_rows(log_probs, rows), choosers.rows, choosers.history,
+                                     choosers.generated)
+        tokens = choice.tokens
+        is_eos = tokens == self.eos_id
+        at_limit = choosers.generated + 1 >= choosers.rows.max_new_tokens
+        result.generated_tokens += int((~is_eos).sum())
+        keep = np.ones(len(rows), dtype=bool)
+        owners = self.batch.owners[rows].tolist()
+        chosen, scores = tokens.tolist(), choice.log_probs.tolist()
+        eos_list, limit_list = is_eos.tolist(), at_limit.tolist()
+        for i, slot in enumerate(owners):  # per request: text, stop strings, events
+            tracked = self.tracked[slot]
+            if tracked.attention is not None:
+                tracked.attention.append(attention[rows[i], : tracked.source_length].copy())
+            event, reason = tracked.on_token(chosen[i], scores[i], eos_list[i], limit_list[i],
+                                             _alternatives(choice.alternatives, i, tracked.params.top_logprobs))
+            if event is not None:
+                result.events.append((tracked.entry, event))
+            if reason is not None:
+                keep[i] = False
+                final_state = None
+                if getattr(tracked.entry.request, "return_final_state", False):
+                    final_state = tuple(s[rows[i] : rows[i] + 1].copy() for s in state)
+                result.events.append((tracked.entry, tracked.finish_event(reason, final_state, chosen[i])))
+                result.finished.append((tracked.entry, reason.value))
+                del self.tracked[slot]
+        choosers.advance(tokens)
+        self.choosers = choosers.filter(keep) if not keep.all() else choosers
+        return keep, tokens
+
+    def _emit_beams(self, group: BeamGroupStep, result: StepResult) -> None:
+        for slot, hypotheses in group.done.items():  # per finished request
+            tracked = self.tracked.pop(slot)
+            history = self._history(tracked.entry)
+            token_event, finish = tracked.beam_events(hypotheses,
+                                                      lambda e=tracked.entry, h=history: self._text_stream(e, h))
+            result.generated_tokens += len(finish.generated_ids)
+            result.events.append((tracked.entry, token_event))
+            result.events.append((tracked.entry, finish))
+            result.finished.append((tracked.entry, finish.reason.value))
+
+
+def _alternatives(alternatives, row: int, count: int) -> list[tuple[int, float]] | None:
+    if alternatives is None or count == 0:
+        return None
+    ids = alternatives.token_ids[row, :count].tolist()
+    values = alternatives.log_probs[row, :count].tolist()
+    return list(zip(ids, values, strict=True))
+
+
+def _feed_log_probs(request: FeedRequest, log_probs: np.ndarray) -> np.ndarray:
+    """log_probs[T, V] of one fed row -> the log-prob of each token after a fed token (module FeedRequest)."""
+    following = list(request.token_ids[1:])
+    if request.next_token_id is not None:
+        following.append(request.next_token_id)
+    positions = np.arange(len(following))
+    return log_probs[positions, np.array(following, dtype=np.int64)].astype(np.float64)

@@ -1,0 +1,284 @@
+"""ModelEngine: one loaded model version, one decode loop, continuous batching.
+
+The loop runs on a worker thread of its own: plan (scheduler), step (prefill, decode, choose, stop),
+repeat. Graph calls never block the asyncio loop, and the worker never waits for it either: each
+step's events are handed to the asyncio loop (`call_soon_threadsafe`), which delivers them to the
+request streams while the next step already runs. The scheduler is shared by both threads under one
+lock, held only for bookkeeping, never during a step. Requests enter through `submit` (generations,
+translations) and `feed` (sessions), validated once, here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import NamedTuple
+
+import numpy as np
+
+from seqserve.v1.manifest_pb2 import ModelKind
+from server.bundle import LoadedBundle
+from server.decoding import FinishReason
+from server.engine.config import EngineConfig
+from server.engine.core import EngineCore, StepResult
+from server.engine.requests import (
+    FeedRequest,
+    FinishEvent,
+    GenerationRequest,
+    RequestStream,
+    State,
+    TranslationRequest,
+)
+from server.engine.runner import Runner
+from server.engine.scheduler import Entry, Plan, Scheduler
+from server.engine.tracking import DEADLINE_LABEL
+from server.engine.validation import validate_feed, validate_request
+from server.errors import DeadlineExceeded, SeqserveError, Unavailable
+from server.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+
+class EngineStats(NamedTuple):
+    active_rows: int
+    active_requests: int
+    queued_requests: int
+
+
+class ModelEngine:
+    def __init__(self, bundle: LoadedBundle, config: EngineConfig = EngineConfig(), metrics: Metrics | None = None):
+        self.bundle = bundle
+        self.config = config
+        self.name = bundle.name
+        self.version = bundle.version
+        self.kind = "lm" if bundle.kind == ModelKind.MODEL_KIND_LM else "seq2seq"
+        self.runner = Runner(bundle)
+        self._core = EngineCore(bundle, self.runner)
+        self._scheduler = Scheduler(config)
+        self._metrics = (metrics if metrics is not None else Metrics()).for_model(self.name)
+        self._provider = bundle.providers[0] if bundle.providers else "none"
+        self._lock = threading.Condition()  # guards the scheduler and the stop flag; wakes the worker
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._accepting = False
+        self._stop_at: float | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._accepting = True
+        self._thread = threading.Thread(target=self._work, name=f"engine-{self.name}-v{self.version}", daemon=True)
+        self._thread.start()
+        self._metrics.set_info(self.version, self.bundle.manifest.cell, self._provider)
+        self._metrics.model_load_duration_seconds.observe(self.bundle.load_seconds)
+        logger.info("serving %s v%d (%s, %s): providers asked %s, obtained %s", self.name, self.version,
+                    self.kind, self.bundle.manifest.cell, list(self.bundle.requested_providers),
+                    list(self.bundle.providers))
+
+    async def stop(self, grace_seconds: float = 30.0) -> None:
+        """Refuse new work, let in-flight work finish for up to `grace_seconds`, then end the rest."""
+        self._accepting = False
+        if self._thread is None:
+            return
+        with self._lock:
+            self._stop_at = time.monotonic() + grace_seconds
+            self._lock.notify()
+        # The worker ends between steps; awaiting it also runs every delivery it posted before ending.
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+        self._thread = None
+        leftover = self._scheduler.drain_all()
+        was_active = [e for e in leftover if e.admitted_at is not None]
+        self._metrics.active_rows.dec(sum(e.rows for e in was_active))
+        self._metrics.queue_depth.dec(len(leftover) - len(was_active))
+        for entry in leftover:
+            self._end(entry, Unavailable(f"model {self.name} v{self.version} was unloaded before the request "
+                                         "finished; retry"), "cancelled")
+        self._core.reset()
+        self._metrics.clear_info(self.version, self.bundle.manifest.cell, self._provider)
+        logger.info("stopped %s v%d", self.name, self.version)
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    def stop_accepting(self) -> None:
+        """Refuse new requests from now on (Unavailable); what was submitted still runs. `stop` follows."""
+        self._accepting = False
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            s = self._scheduler
+            return EngineStats(active_rows=s.active_rows,
+                               active_requests=sum(1 for e in s.active.values() if e.rows),
+                               queued_requests=s.queued)
+
+    # --- entry points ---------------------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest | TranslationRequest) -> RequestStream:
+        """Queue a request; its events arrive on the returned stream.
+
+        Raises InvalidArgument (bad parameters or input), FailedPrecondition (wrong kind of model),
+        ResourceExhausted (queue full), Unavailable (engine stopping).
+        """
+        self._check_accepting()
+        params, rows, input_tokens = validate_request(request, self.bundle, self.config)
+        slot = self._scheduler.new_slot()
+        stream = RequestStream(request.request_id, params, on_cancel=lambda: self._cancel(slot))
+        self._enqueue(Entry(slot=slot, request=request, params=params, rows=rows, input_tokens=input_tokens,
+                            enqueued_at=time.monotonic(), stream=stream))
+        return stream
+
+    async def feed(self, state: State | None, token_ids: list[int], want_log_probs: bool = False, *,
+                   next_token_id: int | None = None, deadline: float | None = None
+                   ) -> tuple[State, np.ndarray | None]:
+        """Advance a session's state by `token_ids` through the batched prefill (see `FeedRequest`)."""
+        self._check_accepting()
+        request = FeedRequest(state, list(token_ids), want_log_probs, next_token_id, deadline)
+        validate_feed(request, self.bundle, self.config, self.runner.state_shapes)
+        slot = self._scheduler.new_slot()
+        future = asyncio.get_running_loop().create_future()
+        self._enqueue(Entry(slot=slot, request=request, params=None, rows=0, input_tokens=len(token_ids),
+                            enqueued_at=time.monotonic(), future=future))
+        try:
+            return await future
+        except asyncio.CancelledError:
+            self._cancel(slot)
+            raise
+
+    def _check_accepting(self) -> None:
+        if not self._accepting:
+            raise Unavailable(f"model {self.name} v{self.version} is not serving (loading or shutting down)")
+
+    def _enqueue(self, entry: Entry) -> None:
+        with self._lock:
+            self._scheduler.add(entry)
+            self._lock.notify()
+        self._metrics.queue_depth.inc()
+
+    def _cancel(self, slot: int) -> None:
+        with self._lock:
+            self._scheduler.cancel(slot)
+            self._lock.notify()
+
+    # --- the worker thread ----------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                while self._scheduler.idle and self._stop_at is None:
+                    self._lock.wait()
+                if self._stop_at is not None and (self._scheduler.idle or time.monotonic() >= self._stop_at):
+                    return
+                plan = self._scheduler.plan(time.monotonic())
+            self._count_plan(plan)
+            try:
+                result = self._core.step(plan)
+            except Exception as error:  # a failed graph call must not end the loop
+                logger.exception("%s v%d: a step failed; failing its requests", self.name, self.version)
+                self._core.reset()
+                with self._lock:
+                    failed = [e for e in list(self._scheduler.active.values()) if self._scheduler.finish(e.slot)]
+                self._metrics.active_rows.dec(sum(e.rows for e in failed))
+                failure = SeqserveError(f"internal error while decoding: {error}")
+                if not self._post(plan, StepResult(), failed, failure):
+                    return
+                continue
+            with self._lock:  # free the rows now, so the next plan can use them
+                for entry, _ in result.finished:
+                    self._scheduler.finish(entry.slot)
+                for entry, _, _ in result.feeds:
+                    self._scheduler.finish(entry.slot)
+            self._count_step(result)
+            if not self._post(plan, result, [], None):
+                return
+
+    def _post(self, plan: Plan, result: StepResult, failed: list[Entry], failure: SeqserveError | None) -> bool:
+        """Hand a step's outcome to the asyncio loop; False if that loop is gone (nobody to serve)."""
+        try:
+            self._loop.call_soon_threadsafe(self._deliver, plan, result, failed, failure)
+        except RuntimeError:  # the event loop was closed without stopping this engine
+            logger.warning("%s v%d: the event loop closed under a running engine; stopping it", self.name,
+                           self.version)
+            return False
+        return True
+
+    def _count_plan(self, plan: Plan) -> None:
+        metrics = self._metrics
+        now = time.monotonic()
+        taken = len(plan.admit) + len(plan.withdrawn) + sum(1 for e in plan.expired if e.admitted_at is None)
+        if taken:
+            metrics.queue_depth.dec(taken)
+        rows_in = sum(e.rows for e in plan.admit)
+        rows_out = sum(e.rows for e in (*plan.drop, *plan.expired) if e.admitted_at is not None)
+        if rows_in != rows_out:
+            metrics.active_rows.inc(rows_in - rows_out)
+        for entry in plan.admit:
+            metrics.queue_wait_seconds.observe(now - entry.enqueued_at)
+        for entry in (*plan.drop, *plan.withdrawn):
+            if not entry.is_feed:
+                metrics.finished(FinishReason.CANCELLED.value)
+        for entry in plan.expired:
+            if not entry.is_feed:
+                metrics.finished(DEADLINE_LABEL)
+
+    def _count_step(self, result: StepResult) -> None:
+        metrics = self._metrics
+        if result.rows:
+            metrics.batch_size.observe(result.rows)
+            metrics.decode_step_duration_seconds.observe(result.decode_seconds)
+        if result.prompt_tokens:
+            metrics.prompt_tokens_total.inc(result.prompt_tokens)
+        if result.generated_tokens:
+            metrics.generated_tokens_total.inc(result.generated_tokens)
+        rows_out = 0
+        for entry, reason in result.finished:
+            rows_out += entry.rows
+            metrics.finished(reason)
+        if rows_out:
+            metrics.active_rows.dec(rows_out)
+
+    # --- delivery, on the asyncio loop's thread -------------------------------------------------
+
+    def _deliver(self, plan: Plan, result: StepResult, failed: list[Entry], failure: SeqserveError | None) -> None:
+        for entry in plan.withdrawn:
+            self._end(entry, None)
+        for entry in plan.expired:
+            request_id = getattr(entry.request, "request_id", entry.slot)
+            self._end(entry, DeadlineExceeded(f"request {request_id} passed its deadline"))
+        for entry in plan.drop:
+            self._end(entry, result.dropped.get(entry.slot))
+        for entry, state, log_probs in result.feeds:
+            if not entry.future.done():
+                entry.future.set_result((state, log_probs))
+        for entry, event in result.events:
+            entry.stream.put(event)
+        for entry in failed:
+            self._end(entry, failure, "error")
+
+    def _end(self, entry: Entry, outcome: FinishEvent | BaseException | None, label: str | None = None) -> None:
+        """Close an entry that did not finish on its own: a partial finish event, an error, or nothing."""
+        if label is not None and not entry.is_feed:
+            self._metrics.finished(label)
+        if entry.future is not None:
+            if not entry.future.done():
+                if isinstance(outcome, BaseException):
+                    entry.future.set_exception(outcome)
+                else:
+                    entry.future.cancel()
+            return
+        if isinstance(outcome, BaseException):
+            entry.stream.fail(outcome)
+        else:
+            entry.stream.put(outcome if outcome is not None else _cancelled_event(entry))
+
+
+def _cancelled_event(entry: Entry) -> FinishEvent:
+    request = entry.request
+    prompt = request.prompt_ids if isinstance(request, GenerationRequest) else request.source_ids
+    return FinishEvent(reason=FinishReason.CANCELLED, hypotheses=[], text="", generated_ids=[], final_state=None,
+                       prompt_tokens=len(prompt), texts=[])

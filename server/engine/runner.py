@@ -1,0 +1,92 @@
+"""The only code that calls ONNX Runtime: batched prefill (LM), batched encode (seq2seq), one decode step.
+
+The runner never decides who runs: it gets rows and returns arrays. The engine calls it from its
+worker thread, so the asyncio loop stays responsive while a graph runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from seqserve.v1.manifest_pb2 import ModelKind
+from server.bundle import LoadedBundle, LoadedGraph
+from server.engine.batch import DecodeBatch, State
+
+
+class Runner:
+    """Feeds a bundle's graphs by the names its manifest gives; state tensors in manifest order."""
+
+    def __init__(self, bundle: LoadedBundle):
+        self.is_lm = bundle.kind == ModelKind.MODEL_KIND_LM
+        if self.is_lm:
+            self._step = bundle.graph("step")
+            state_graph = self._step
+        else:
+            self._encoder = bundle.graph("encoder")
+            self._decoder = bundle.graph("decoder_step")
+            state_graph = self._decoder
+        # Names read once: the manifest-backed properties build new tuples on every access.
+        self.state_names = state_graph.state_inputs
+        self.state_shapes = [_fixed_shape(state_graph, name) for name in self.state_names]
+        self.memory_size = None if self.is_lm else _fixed_shape(self._decoder, "memory")[-1]
+        self._token_input = state_graph.input_names[0]
+        self._lengths_input = state_graph.input_names[1] if self.is_lm else None
+        self._outputs = state_graph.output_names
+        self._state_outputs = state_graph.state_outputs
+        self._session = state_graph.session
+
+    def zero_state(self, rows: int) -> State:
+        return tuple(np.zeros((rows, *shape), dtype=np.float32) for shape in self.state_shapes)
+
+    def prefill(self, sequences: Sequence[Sequence[int]], state: State, want_log_probs: bool
+                ) -> tuple[State, np.ndarray | None]:
+        """LM: feed each row its (non-empty) sequence from `state`, padded, in one call.
+
+        Returns the state after each row's own length and, if asked, log_probs [B, T, V] (positions
+        past a row's length are padding).
+        """
+        lengths = np.array([len(s) for s in sequences], dtype=np.int64)
+        tokens = np.zeros((len(sequences), int(lengths.max())), dtype=np.int64)
+        for row, sequence in enumerate(sequences):  # once per admitted request, not per step
+            tokens[row, : len(sequence)] = sequence
+        log_probs, new_state = self._run_lm(tokens, lengths, state)
+        return new_state, log_probs if want_log_probs else None
+
+    def encode(self, sources: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray, State]:
+        """seq2seq: (memory [B, S, M], mask [B, S], decoder state) for padded sources, in one call."""
+        lengths = np.array([len(s) for s in sources], dtype=np.int64)
+        src = np.zeros((len(sources), int(lengths.max())), dtype=np.int64)
+        for row, source in enumerate(sources):
+            src[row, : len(source)] = source
+        names = self._encoder.input_names
+        outputs = self._encoder.session.run(None, {names[0]: src, names[1]: lengths})
+        by_name = dict(zip(self._encoder.output_names, outputs, strict=True))
+        memory, mask = by_name["memory"], by_name["mask"]
+        state = tuple(by_name[name] for name in self._encoder.state_outputs)
+        return memory, mask, state
+
+    def decode(self, batch: DecodeBatch) -> tuple[np.ndarray, State, np.ndarray | None]:
+        """One token per row: (log_probs [B, V], new state, attention [B, S] or None for an LM)."""
+        if self.is_lm:
+            log_probs, state = self._run_lm(batch.tokens[:, None], np.ones(len(batch), dtype=np.int64),
+                                            batch.state)
+            return log_probs[:, 0], state, None
+        feeds = {self._token_input: batch.tokens, "memory": batch.memory, "mask": batch.mask}
+        feeds.update(zip(self.state_names, batch.state, strict=True))
+        by_name = dict(zip(self._outputs, self._session.run(None, feeds), strict=True))
+        state = tuple(by_name[name] for name in self._state_outputs)
+        return by_name["log_probs"], state, by_name["attention"]
+
+    def _run_lm(self, tokens: np.ndarray, lengths: np.ndarray, state: State) -> tuple[np.ndarray, State]:
+        feeds = {self._token_input: tokens, self._lengths_input: lengths}
+        feeds.update(zip(self.state_names, state, strict=True))
+        by_name = dict(zip(self._outputs, self._session.run(None, feeds), strict=True))
+        return by_name["log_probs"], tuple(by_name[name] for name in self._state_outputs)
+
+
+def _fixed_shape(graph: LoadedGraph, name: str) -> tuple[int, ...]:
+    """The non-batch axes of input `name` as the manifest declares them (sizes fixed at export)."""
+    spec = next(t for t in graph.spec.inputs if t.name == name)
+    return tuple(int(d) if d.isdigit() else -1 for d in spec.shape[1:])

@@ -1,0 +1,119 @@
+"""Every Prometheus metric seqserve exports (DESIGN.md §6), defined once.
+
+Prefix `seqserve_`, base units, `_total` on counters, a `model` label (the model's name; versions of
+one model add up) wherever a model is involved. Pass a `CollectorRegistry` to keep tests apart; the
+app serves `Metrics.registry` on /metrics.
+
+Who records what: the engine records batch, queue, token, row and finish figures and `model_info`;
+the gRPC layer records `requests_total`, `request_duration_seconds`, `time_to_first_token_seconds` and
+`inter_token_latency_seconds` (use `model=""` for RPCs about no model, such as ListModels); sessions
+record the `session*` metrics.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+PREFIX = "seqserve"
+
+# Buckets in seconds (base units) or rows, each fitted to what it measures.
+TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
+STEP_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
+QUEUE_WAIT_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class Metrics:
+    """The metric families; `for_model(name)` gives the engine its label-bound children."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+
+        def name(suffix: str) -> str:
+            return f"{PREFIX}_{suffix}"
+
+        # gRPC layer
+        self.requests_total = Counter(name("requests_total"), "RPCs handled, by method and status code.",
+                                      ["model", "rpc", "code"], registry=r)
+        self.request_duration_seconds = Histogram(
+            name("request_duration_seconds"), "Time from an RPC's arrival to its last message.",
+            ["model", "rpc"], buckets=REQUEST_BUCKETS, registry=r)
+        self.time_to_first_token_seconds = Histogram(
+            name("time_to_first_token_seconds"), "Time from a streaming request's arrival to its first token.",
+            ["model"], buckets=TOKEN_LATENCY_BUCKETS + (5.0, 10.0, 30.0), registry=r)
+        self.inter_token_latency_seconds = Histogram(
+            name("inter_token_latency_seconds"), "Time between consecutive tokens of one stream.",
+            ["model"], buckets=TOKEN_LATENCY_BUCKETS, registry=r)
+        # engine
+        self.queue_wait_seconds = Histogram(
+            name("queue_wait_seconds"), "Time a request waited for rows before its prefill.",
+            ["model"], buckets=QUEUE_WAIT_BUCKETS, registry=r)
+        self.queue_depth = Gauge(name("queue_depth"), "Requests waiting for rows.", ["model"], registry=r)
+        self.batch_size = Histogram(name("batch_size"), "Rows advanced by one decode step.", ["model"],
+                                    buckets=BATCH_SIZE_BUCKETS, registry=r)
+        self.decode_step_duration_seconds = Histogram(
+            name("decode_step_duration_seconds"), "ONNX Runtime time of one batched decode step.",
+            ["model"], buckets=STEP_BUCKETS, registry=r)
+        self.prompt_tokens_total = Counter(name("prompt_tokens_total"),
+                                           "Prompt, source and fed tokens prefilled or encoded.", ["model"],
+                                           registry=r)
+        self.generated_tokens_total = Counter(name("generated_tokens_total"),
+                                              "Tokens generated and returned (<eos> excluded).", ["model"],
+                                              registry=r)
+        self.finished_total = Counter(
+            name("finished_total"),
+            "Requests that ended, by reason (eos, length, stop, cancelled, deadline, error).",
+            ["model", "reason"], registry=r)
+        self.active_rows = Gauge(name("active_rows"), "Batch rows in use (a beam request uses beam_size).",
+                                 ["model"], registry=r)
+        self.model_info = Gauge(name("model_info"),
+                                "1 for every loaded model version, with the execution provider it obtained.",
+                                ["model", "version", "cell", "provider"], registry=r)
+        self.model_load_duration_seconds = Histogram(
+            name("model_load_duration_seconds"), "Time to verify and open a bundle.", ["model"],
+            buckets=LOAD_BUCKETS, registry=r)
+        # sessions
+        self.sessions_active = Gauge(name("sessions_active"), "Open sessions.", ["model"], registry=r)
+        self.sessions_evicted_total = Counter(name("sessions_evicted_total"),
+                                              "Sessions closed by the server, by reason.", ["model", "reason"],
+                                              registry=r)
+        self.session_state_bytes = Gauge(name("session_state_bytes"), "Bytes of parked session state.",
+                                         ["model"], registry=r)
+
+    def for_model(self, model: str) -> ModelMetrics:
+        return ModelMetrics(self, model)
+
+
+class ModelMetrics:
+    """The engine's metrics bound to one model label once, so a step never looks a label up."""
+
+    def __init__(self, metrics: Metrics, model: str):
+        self.metrics = metrics
+        self.model = model
+        self.queue_wait_seconds = metrics.queue_wait_seconds.labels(model=model)
+        self.queue_depth = metrics.queue_depth.labels(model=model)
+        self.batch_size = metrics.batch_size.labels(model=model)
+        self.decode_step_duration_seconds = metrics.decode_step_duration_seconds.labels(model=model)
+        self.prompt_tokens_total = metrics.prompt_tokens_total.labels(model=model)
+        self.generated_tokens_total = metrics.generated_tokens_total.labels(model=model)
+        self.active_rows = metrics.active_rows.labels(model=model)
+        self.model_load_duration_seconds = metrics.model_load_duration_seconds.labels(model=model)
+        self._finished: dict[str, object] = {}
+
+    def finished(self, reason: str) -> None:
+        child = self._finished.get(reason)
+        if child is None:
+            child = self._finished[reason] = self.metrics.finished_total.labels(model=self.model, reason=reason)
+        child.inc()
+
+    def set_info(self, version: int, cell: str, provider: str) -> None:
+        self.metrics.model_info.labels(model=self.model, version=str(version), cell=cell, provider=provider).set(1)
+
+    def clear_info(self, version: int, cell: str, provider: str) -> None:
+        try:
+            self.metrics.model_info.remove(self.model, str(version), cell, provider)
+        except KeyError:
+            pass

@@ -1,0 +1,286 @@
+"""The engine's control paths: stop strings, cancellation, limits, deadlines, sessions' feed, metrics, stop."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+
+from exporters.bundle import ExportOptions, export_run
+from exporters.parity import ParitySettings
+from server.bundle import load_bundle
+from server.decoding import DecodingParams, FinishReason
+from server.engine import (
+    EngineConfig,
+    FinishEvent,
+    GenerationRequest,
+    ModelEngine,
+    TokenEvent,
+    TranslationRequest,
+)
+from server.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+)
+from server.metrics import Metrics
+from training.checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+BOS = 1
+SMALL_EXPORT = ExportOptions(eval_limit=10, real_inputs=50,
+                             parity=ParitySettings(greedy_inputs=5, beam_inputs=2, max_new_tokens=10))
+ONE_THREAD = {"intra_op_num_threads": 1, "inter_op_num_threads": 1}
+LONG = DecodingParams(max_new_tokens=400, min_new_tokens=400)  # runs until stopped from outside
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_runs, tmp_path_factory):
+    """(PyTorch model, loaded bundle) of the tiny LSTM LM."""
+    run = tiny_runs["lstm", "lm"]
+    path = export_run(run, tmp_path_factory.mktemp("engine-control"), "tiny-lm", options=SMALL_EXPORT).path
+    return model_from_checkpoint(load_checkpoint(find_checkpoint(run))), load_bundle(path, session_options=ONE_THREAD)
+
+
+def with_engine(bundle, body, config=EngineConfig(), metrics=None):
+    async def go():
+        engine = ModelEngine(bundle, config, metrics)
+        await engine.start()
+        try:
+            return await body(engine)
+        finally:
+            await engine.stop(1.0)
+
+    return asyncio.run(go())
+
+
+async def collect(stream):
+    events = [event async for event in stream]
+    assert isinstance(events[-1], FinishEvent)
+    return events[:-1], events[-1]
+
+
+def prompt(bundle, text):
+    return [BOS, *bundle.tokenizer("text").encode(text).ids]
+
+
+def test_stop_strings_never_reach_the_client(lm):
+    _, bundle = lm
+    sampled = DecodingParams(strategy="sample", seed=42, max_new_tokens=60)
+    ids = prompt(bundle, "the cat")
+
+    async def body(engine):
+        _, free = await collect(engine.submit(GenerationRequest("free", ids, sampled)))
+        full = free.text
+        assert len(full) > 12
+        stop = full[6:10]  # spans several tokens of the char tokenizer
+        cut = full.index(stop)
+        stopped_params = DecodingParams(strategy="sample", seed=42, max_new_tokens=60, stop=(stop, "never seen"))
+        tokens, finish = await collect(engine.submit(GenerationRequest("stop", ids, stopped_params)))
+        assert finish.reason is FinishReason.STOP_SEQUENCE
+        assert finish.hypotheses[0].finish_reason is FinishReason.STOP_SEQUENCE
+        assert finish.text == "".join(t.text for t in tokens) == full[:cut]
+        assert all(stop not in t.text for t in tokens)
+        # The tokens end with the one that completed the stop string.
+        assert finish.generated_ids == free.generated_ids[: len(finish.generated_ids)]
+        assert bundle.tokenizer("text").decode(finish.generated_ids).endswith(stop)
+        # Beam hypotheses are cut the same way.
+        beam = DecodingParams(strategy="beam", beam_size=2, max_new_tokens=60)
+        _, beam_free = await collect(engine.submit(GenerationRequest("bf", ids, beam)))
+        assert len(beam_free.text) > 4
+        beam_stop = beam_free.text[2:4]
+        _, beam_cut = await collect(engine.submit(GenerationRequest(
+            "bc", ids, DecodingParams(strategy="beam", beam_size=2, max_new_tokens=60, stop=(beam_stop,)))))
+        assert beam_cut.reason is FinishReason.STOP_SEQUENCE
+        assert beam_cut.text == beam_free.text[: beam_free.text.index(beam_stop)]
+
+    with_engine(bundle, body)
+
+
+def test_cancelled_and_disconnected_requests_free_their_rows(lm):
+    _, bundle = lm
+    registry = CollectorRegistry()
+
+    async def body(engine):
+        streams = [engine.submit(GenerationRequest(f"c{i}", prompt(bundle, "a"), LONG)) for i in range(4)]
+        beam = engine.submit(GenerationRequest("b", prompt(bundle, "a"), DecodingParams(
+            strategy="beam", beam_size=3, max_new_tokens=400, min_new_tokens=400)))
+        for stream in streams:
+            assert isinstance(await stream.__anext__(), TokenEvent)
+        assert engine.stats().active_rows == 7
+
+        async def consume(stream):
+            async for _ in stream:
+                pass
+
+        consumers = [asyncio.create_task(consume(s)) for s in (streams[0], beam)]
+        await asyncio.sleep(0.01)
+        for task in consumers:  # a gRPC client going away cancels the handler's task
+            task.cancel()
+        streams[1].cancel()
+        for _ in range(200):
+            if engine.stats().active_rows == 2:
+                break
+            await asyncio.sleep(0.005)
+        assert engine.stats().active_rows == 2
+        rest = [event async for event in streams[1]]
+        assert rest[-1].reason is FinishReason.CANCELLED
+        for stream in streams[2:]:
+            stream.cancel()
+        for _ in range(200):
+            if engine.stats().active_rows == 0:
+                break
+            await asyncio.sleep(0.005)
+        assert engine.stats() == (0, 0, 0)
+
+    with_engine(bundle, body, metrics=Metrics(registry))
+    assert registry.get_sample_value("seqserve_active_rows", {"model": "tiny-lm"}) == 0
+    assert registry.get_sample_value("seqserve_finished_total", {"model": "tiny-lm", "reason": "cancelled"}) == 5
+
+
+def test_queue_full_is_resource_exhausted(lm):
+    _, bundle = lm
+    params = DecodingParams(max_new_tokens=5)
+
+    async def body(engine):
+        streams = [engine.submit(GenerationRequest(f"q{i}", prompt(bundle, "a"), params)) for i in range(3)]
+        with pytest.raises(ResourceExhausted, match="queue"):
+            engine.submit(GenerationRequest("over", prompt(bundle, "a"), params))
+        finishes = [await s.result() for s in streams]  # the queued ones still run, one row at a time
+        assert [f.reason for f in finishes] == [FinishReason.LENGTH] * 3
+
+    with_engine(bundle, body, EngineConfig(max_rows=1, max_queued=3))
+
+
+def test_bad_requests_are_refused_on_entry(lm):
+    _, bundle = lm
+    vocab = bundle.manifest.sizes.vocab_size
+
+    async def body(engine):
+        ok = DecodingParams(max_new_tokens=5)
+        cases = [
+            (GenerationRequest("long", [BOS] * 9, ok), InvalidArgument, "more than this server's limit of 8"),
+            (GenerationRequest("empty", [], ok), InvalidArgument, "prompt_ids must not be empty"),
+            (GenerationRequest("oov", [BOS, vocab], ok), InvalidArgument, r"prompt_ids\[1\] must be a token id"),
+            (GenerationRequest("p", [BOS], DecodingParams(top_p=1.5)), InvalidArgument, "top_p must be in"),
+            (GenerationRequest("n", [BOS], DecodingParams(max_new_tokens=101)), InvalidArgument, "max_new_tokens"),
+            (GenerationRequest("k", [BOS], DecodingParams(strategy="beam", beam_size=5)), InvalidArgument,
+             "beam_size"),
+            (GenerationRequest("s", [BOS], ok, initial_state=(np.zeros((1, 2)),)), InvalidArgument, "initial_state"),
+            (TranslationRequest("t", [4], ok), FailedPrecondition, "language model"),
+        ]
+        for req, error, message in cases:
+            with pytest.raises(error, match=message):
+                engine.submit(req)
+        assert engine.stats() == (0, 0, 0)
+
+    with_engine(bundle, body, EngineConfig(max_input_tokens=8, max_new_tokens=100, max_rows=4))
+
+
+def test_deadlines_end_queued_and_running_requests(lm):
+    _, bundle = lm
+
+    async def body(engine):
+        late = engine.submit(GenerationRequest("late", prompt(bundle, "a"), LONG, deadline=time.monotonic() - 1))
+        with pytest.raises(DeadlineExceeded):
+            await late.result()
+        running = engine.submit(GenerationRequest("run", prompt(bundle, "a"), LONG,
+                                                  deadline=time.monotonic() + 0.05))
+        received = 0
+        with pytest.raises(DeadlineExceeded):
+            async for _ in running:
+                received += 1
+        assert 0 < received < 400
+        assert engine.stats() == (0, 0, 0)
+
+    with_engine(bundle, body)
+
+
+def test_feed_and_session_continuation_match_pytorch(lm):
+    model, bundle = lm
+    ids = prompt(bundle, "the dog ran under the mat")
+
+    async def body(engine):
+        # Feed alongside generations: the same batched prefill call serves both.
+        others = [engine.submit(GenerationRequest(f"o{i}", prompt(bundle, "a big cat" * (i + 1)),
+                                                  DecodingParams(max_new_tokens=8))) for i in range(3)]
+        state, log_probs = await engine.feed(None, ids[:-1], want_log_probs=True, next_token_id=ids[-1])
+        await asyncio.gather(*(o.result() for o in others))
+        with torch.no_grad():
+            ref = model(torch.tensor([ids[:-1]]), torch.tensor([len(ids) - 1]), *model.initial_state(1))
+        expected = ref[0][0, torch.arange(len(ids) - 1), torch.tensor(ids[1:])].numpy()
+        np.testing.assert_allclose(log_probs, expected, atol=1e-5)
+        for got, want in zip(state, ref[1:], strict=True):
+            np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
+
+        # A session's continuation from the fed state equals one generation from the whole prompt.
+        greedy = DecodingParams(max_new_tokens=20)
+        whole = await engine.submit(GenerationRequest("whole", ids, greedy)).result()
+        parked = await engine.submit(GenerationRequest("cont", [ids[-1]], greedy, initial_state=state,
+                                                       history_ids=ids)).result()
+        assert parked.generated_ids == whole.generated_ids
+
+        # return_final_state parks the state before the last chosen token; continuing from it goes on.
+        first = await engine.submit(GenerationRequest("first", ids, DecodingParams(max_new_tokens=8),
+                                                      return_final_state=True)).result()
+        assert first.reason is FinishReason.LENGTH and first.last_token_id == first.generated_ids[-1]
+        second = await engine.submit(GenerationRequest(
+            "second", [first.last_token_id], DecodingParams(max_new_tokens=12),
+            initial_state=first.final_state, history_ids=ids + first.generated_ids)).result()
+        assert first.generated_ids + second.generated_ids == whole.generated_ids
+        assert first.text + second.text == whole.text
+
+    with_engine(bundle, body)
+
+
+def test_metrics_record_the_engine(lm):
+    _, bundle = lm
+    registry = CollectorRegistry()
+
+    async def body(engine):
+        streams = [engine.submit(GenerationRequest(f"m{i}", prompt(bundle, "a cat"), DecodingParams(
+            strategy="beam" if i % 2 else "greedy", beam_size=2, max_new_tokens=6))) for i in range(4)]
+        return [await s.result() for s in streams]
+
+    finishes = with_engine(bundle, body, metrics=Metrics(registry))
+    labels = {"model": "tiny-lm"}
+    value = registry.get_sample_value
+    assert value("seqserve_batch_size_count", labels) >= 6
+    assert value("seqserve_batch_size_sum", labels) >= 6 * (2 + 2 * 2) * 0.5
+    assert value("seqserve_decode_step_duration_seconds_count", labels) == value("seqserve_batch_size_count", labels)
+    assert value("seqserve_queue_wait_seconds_count", labels) == 4
+    assert value("seqserve_prompt_tokens_total", labels) == 4 * len(prompt(bundle, "a cat"))
+    assert value("seqserve_generated_tokens_total", labels) == sum(len(f.generated_ids) for f in finishes)
+    assert sum(value("seqserve_finished_total", {**labels, "reason": r}) or 0 for r in ("eos", "length")) == 4
+    assert value("seqserve_active_rows", labels) == 0 and value("seqserve_queue_depth", labels) == 0
+    assert value("seqserve_model_load_duration_seconds_count", labels) == 1
+    # model_info is removed when the engine stops; it was set while serving (checked in the registry test).
+
+
+def test_stop_drains_in_flight_requests_then_refuses(lm):
+    _, bundle = lm
+
+    async def go():
+        engine = ModelEngine(bundle, EngineConfig())
+        await engine.start()
+        short = engine.submit(GenerationRequest("s", prompt(bundle, "a"), DecodingParams(max_new_tokens=30,
+                                                                                         min_new_tokens=30)))
+        endless = engine.submit(GenerationRequest("e", prompt(bundle, "a"), DecodingParams(
+            max_new_tokens=1000, min_new_tokens=1000)))
+        stopping = asyncio.create_task(engine.stop(0.05))
+        await asyncio.sleep(0)
+        with pytest.raises(Unavailable):
+            engine.submit(GenerationRequest("late", prompt(bundle, "a"), DecodingParams()))
+        assert (await short.result()).reason is FinishReason.LENGTH
+        await stopping
+        with pytest.raises(Unavailable, match="unloaded"):
+            await endless.result()
+
+    asyncio.run(go())

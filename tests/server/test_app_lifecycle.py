@@ -1,0 +1,160 @@
+"""The server's life: a new version published under a running stream, and SIGTERM on `seqserve serve`.
+
+Hot swap: the stream started on v1 finishes on v1 while new requests get v2. SIGTERM: health turns
+NOT_SERVING, the in-flight stream completes, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+import server as server_package
+from exporters.bundle import ExportOptions, export_run
+from exporters.parity import ParitySettings
+from seqserve.v1 import service_pb2 as pb
+from seqserve.v1 import service_pb2_grpc as pb_grpc
+from server.app import ServerThread
+from server.config import ServerConfig
+
+SMALL_EXPORT = ExportOptions(eval_limit=20, real_inputs=100,
+                             parity=ParitySettings(greedy_inputs=20, beam_inputs=6, max_new_tokens=20))
+LONG_TOKENS = 2000  # about two seconds of decoding on a shared CPU: longer than a swap or a signal takes
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@pytest.fixture(scope="module")
+def lm_run(tiny_runs):
+    return tiny_runs["lstm", "lm"]
+
+
+def export(run, repository: Path, version: int) -> Path:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return export_run(run, repository, "tiny-lm", version, options=SMALL_EXPORT).path
+    finally:
+        torch.set_num_threads(before)
+
+
+def long_request() -> pb.GenerateRequest:
+    return pb.GenerateRequest(model="tiny-lm", prompt="the", options=pb.DecodingOptions(
+        max_new_tokens=LONG_TOKENS, min_new_tokens=LONG_TOKENS))
+
+
+class Reader(threading.Thread):
+    """Reads a stream to its end in the background; `finished` is set when its last message arrived."""
+
+    def __init__(self, call):
+        super().__init__(daemon=True)
+        self.call, self.responses, self.error = call, [], None
+        self.finished = threading.Event()
+        self.start()
+
+    def run(self):
+        try:
+            for response in self.call:
+                self.responses.append(response)
+        except grpc.RpcError as error:
+            self.error = error
+        self.finished.set()
+
+
+def wait_for(condition, timeout: float = 30.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def test_hot_swap_keeps_in_flight_streams_on_their_version(lm_run, tmp_path):
+    repository = tmp_path / "models"
+    export(lm_run, repository, 1)
+    staged = export(lm_run, tmp_path / "staging", 2)  # published below by one rename, as the exporter does
+    config = ServerConfig(repository=str(repository), port=0, metrics_port=-1, poll_interval_seconds=0.1,
+                          max_new_tokens=LONG_TOKENS, log_level="warning")
+    with ServerThread(config) as server, grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.SeqserveStub(channel)
+        call = stub.Generate(long_request())
+        first = next(call)
+        on_v1 = Reader(call)
+
+        os.rename(staged, repository / "tiny-lm" / "2")
+
+        def newest_version():
+            done = list(stub.Generate(pb.GenerateRequest(model="tiny-lm", prompt="a")))[-1].done
+            return done.version == 2
+
+        wait_for(newest_version, what="version 2 to serve")
+        assert not on_v1.finished.is_set(), "the v1 stream ended before the swap; the test proves nothing"
+        on_v1.join(timeout=60)
+        assert on_v1.error is None
+        done = on_v1.responses[-1].done
+        assert (done.version, done.generated_tokens, done.finish_reason) == (1, LONG_TOKENS, pb.FINISH_REASON_LENGTH)
+        assert len(first.chunk.token_ids) + sum(len(r.chunk.token_ids) for r in on_v1.responses[:-1]) == LONG_TOKENS
+
+        (model,) = stub.ListModels(pb.ListModelsRequest()).models
+        assert (list(model.versions), model.latest_version, model.ready) == ([1, 2], 2, True)
+        assert stub.GetModel(pb.GetModelRequest(model="tiny-lm")).version == 2
+        # v1 retires once its last stream is done.
+        wait_for(lambda: [e.version for e in server.app.registry.engines()] == [2], what="v1 to retire")
+
+
+def test_sigterm_drains_in_flight_streams_and_exits_zero(lm_run, tmp_path):
+    repository = tmp_path / "models"
+    export(lm_run, repository, 1)
+    env = {**os.environ, "PYTHONPATH": str(Path(server_package.__file__).parents[1]), "SEQSERVE_LOG_FORMAT": "json",
+           "SEQSERVE_MAX_NEW_TOKENS": str(LONG_TOKENS), "SEQSERVE_POLL_INTERVAL_SECONDS": "0"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "seqserve.cli", "serve", "--repository", str(repository), "--port", "0",
+         "--metrics-port", "-1"], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        events = []
+        for line in process.stderr:
+            events.append(json.loads(line))
+            if events[-1].get("event") == "serving":
+                break
+        else:
+            pytest.fail(f"the server exited before serving: {events}")
+        port = events[-1]["grpc_port"]
+        logs = threading.Thread(target=lambda: events.extend(json.loads(line) for line in process.stderr), daemon=True)
+        logs.start()
+
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            watch = Reader(health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest()))
+            call = pb_grpc.SeqserveStub(channel).Generate(long_request())
+            next(call)
+            wait_for(lambda: watch.responses, what="the first health status")
+            process.send_signal(signal.SIGTERM)
+            in_flight = Reader(call)
+            in_flight.join(timeout=60)
+            watch.join(timeout=10)
+
+        assert process.wait(timeout=60) == 0
+        assert in_flight.error is None
+        done = in_flight.responses[-1].done
+        assert (done.generated_tokens, done.finish_reason) == (LONG_TOKENS, pb.FINISH_REASON_LENGTH)
+        assert [r.status for r in watch.responses] == [SERVING, NOT_SERVING]
+        logs.join(timeout=10)
+        names = [event.get("event") for event in events]
+        assert names.index("serving") < names.index("draining") < names.index("stopped")
+        assert next(e for e in events if e.get("event") == "stopped")["drained"] is True
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
