@@ -87,6 +87,9 @@ class Metrics:
         return ModelMetrics(self, model)
 
 
+SESSION_EVICTION_REASONS = ("expired", "evicted")
+
+
 class ModelMetrics:
     """The engine's metrics bound to one model label once, so a step never looks a label up."""
 
@@ -102,6 +105,11 @@ class ModelMetrics:
         self.active_rows = metrics.active_rows.labels(model=model)
         self.model_load_duration_seconds = metrics.model_load_duration_seconds.labels(model=model)
         self._finished: dict[str, object] = {}
+        # Session series exist from the model's load on, so dashboards show 0 rather than "no data".
+        metrics.sessions_active.labels(model=model)
+        metrics.session_state_bytes.labels(model=model)
+        for reason in SESSION_EVICTION_REASONS:
+            metrics.sessions_evicted_total.labels(model=model, reason=reason)
 
     def finished(self, reason: str) -> None:
         child = self._finished.get(reason)
