@@ -2,14 +2,20 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+HOST ?= 127.0.0.1
 APT_PACKAGES := trans-de-en fortunes fortunes-min prometheus docker-compose
 
 .PHONY: setup setup-system serve test lint proto
 
-$(VENV)/.installed: pyproject.toml
+# The server alone: no torch.
+$(VENV)/.installed-serve: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# torch is pinned in the [train] extra; the local CPU wheel satisfies it without CUDA downloads.
+	$(PY) -m pip install -q -e .
+	touch $@
+
+# Training, export and the test tools. torch is pinned in the [train] extra (torch==2.13.0): the
+# local CPU wheel satisfies it without gigabytes of CUDA packages.
+$(VENV)/.installed: pyproject.toml $(VENV)/.installed-serve
 	$(PY) -m pip install -q -e '.[train,dev]'
 	touch $@
 
@@ -23,8 +29,8 @@ setup-system:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	fi
 
-serve: setup
-	$(VENV)/bin/seqserve serve
+serve: $(VENV)/.installed-serve
+	$(VENV)/bin/seqserve serve --host $(HOST)
 
 test: setup setup-system
 	$(PY) -m ruff check .
