@@ -273,7 +273,7 @@ def provenance(src: _Source) -> dict[str, str]:
         "global_step": str(progress.get("global_step", "")),
         # The checkpoint's epoch counter names the epoch about to start.
         "epochs_completed": str(progress["epoch"] - 1) if "epoch" in progress else "",
-        "best_valid_loss": str(progress.get("best_valid", "")),
+        "best_valid_loss": str((src.payload.get("schedule") or {}).get("best", "")),
         "task": cfg["task"],
         **{f"{split}_file": cfg[split] for split in ("train", "valid", "test") if cfg[split]},
     }

@@ -88,8 +88,7 @@ class Trainer:
             self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
                                              weight_decay=cfg.weight_decay)
         self.schedule = LRSchedule(cfg, self.optimizer)
-        self.progress = {"epoch": 1, "step_in_epoch": 0, "global_step": 0, "best_valid": math.inf,
-                         "bad_epochs": 0, "done": False}
+        self.progress = {"epoch": 1, "step_in_epoch": 0, "global_step": 0, "done": False}
         self.carry = None  # LM state carried between BPTT windows
         if payload:
             self.model.load_state_dict(payload["state_dict"])
@@ -232,11 +231,7 @@ class Trainer:
                            train_tokens_per_s=tokens / max(time.perf_counter() - t0, 1e-9))
             improved = self.schedule.end_epoch(epoch, summary["valid_loss"])
             p["epoch"], p["step_in_epoch"] = epoch + 1, 0
-            if improved:
-                p["best_valid"], p["bad_epochs"] = summary["valid_loss"], 0
-            else:
-                p["bad_epochs"] += 1
-            if cfg.early_stopping and p["bad_epochs"] >= cfg.early_stopping:
+            if cfg.early_stopping and self.schedule.bad_epochs >= cfg.early_stopping:
                 p["done"] = True
             self.log({"epoch_end": epoch, **summary})
             if self.writer:
