@@ -16,7 +16,7 @@ $(VENV)/.installed-serve: pyproject.toml
 # Training, export and the test tools. torch is pinned in the [train] extra (torch==2.13.0): the
 # local CPU wheel satisfies it without gigabytes of CUDA packages.
 $(VENV)/.installed: pyproject.toml $(VENV)/.installed-serve
-	$(PY) -m pip install -q -e '.[train,dev]'
+	$(PY) -m pip install -q -e '.[train,dev,bench]'
 	touch $@
 
 setup: $(VENV)/.installed

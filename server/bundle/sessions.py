@@ -83,7 +83,7 @@ def make_session_options(options: Mapping[str, Any] | None = None) -> ort.Sessio
 
     Keys: `intra_op_num_threads` and `inter_op_num_threads` (0 = ONNX Runtime decides),
     `graph_optimization_level` ("disable", "basic", "extended", "all"), `execution_mode`
-    ("sequential", "parallel"), `log_severity_level` (0 verbose .. 4 fatal). Unknown keys and
+    ("sequential", "parallel"), `allow_spinning` (bool), `log_severity_level` (0 verbose .. 4 fatal). Unknown keys and
     values raise ValueError, so a misspelt setting is never silently ignored.
     """
     session_options = ort.SessionOptions()
@@ -94,6 +94,10 @@ def make_session_options(options: Mapping[str, Any] | None = None) -> ort.Sessio
             session_options.graph_optimization_level = _choice(key, value, _GRAPH_OPTIMIZATION_LEVELS)
         elif key == "execution_mode":
             session_options.execution_mode = _choice(key, value, _EXECUTION_MODES)
+        elif key == "allow_spinning":
+            # Spinning intra-op threads burn a core waiting for work; on a small machine they starve the
+            # Python thread that prepares the next step, so the server turns them off by default.
+            session_options.add_session_config_entry("session.intra_op.allow_spinning", "1" if value else "0")
         elif key == "log_severity_level":
             level = _non_negative_int(key, value)
             if level > 4:
@@ -102,7 +106,7 @@ def make_session_options(options: Mapping[str, Any] | None = None) -> ort.Sessio
         else:
             raise ValueError(
                 f"unknown session option {key!r}; known: intra_op_num_threads, inter_op_num_threads, "
-                "graph_optimization_level, execution_mode, log_severity_level"
+                "graph_optimization_level, execution_mode, allow_spinning, log_severity_level"
             )
     return session_options
 

@@ -1,0 +1,125 @@
+"""How much the engine adds to ONNX Runtime's own decode step, at 1, 8, 64 and 128 concurrent greedy streams.
+
+Builds an LSTM LM bundle with random weights (E=256, H=512, 2 layers, V=8000), then for each batch size:
+- engine: N greedy streams (each consumed by its own task, as the gRPC layer would), every stream
+  forced to generate exactly --tokens tokens; tokens/s and wall time per step;
+- bare: the same model's decode step through ONNX Runtime alone, on a batch of N rows.
+Prints a Markdown table with the ratio engine step / bare step.
+
+    python bench/engine_overhead.py [--tokens 64] [--batches 1,8,64,128] [--providers CUDAExecutionProvider,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from exporters.bundle import TOKENIZER_FILES, model_sizes, special_tokens  # noqa: E402
+from exporters.onnx_graphs import OPSET, export_graphs  # noqa: E402
+from seqserve.v1.manifest_pb2 import Manifest, ModelKind  # noqa: E402
+from server.bundle import load_bundle, sha256_file, write_manifest  # noqa: E402
+from server.decoding import DecodingParams  # noqa: E402
+from server.engine import EngineConfig, GenerationRequest, ModelEngine, TokenEvent  # noqa: E402
+from server.engine.batch import DecodeBatch  # noqa: E402
+from server.engine.runner import Runner  # noqa: E402
+from server.metrics import Metrics  # noqa: E402
+from training.models import LanguageModel, LMArgs  # noqa: E402
+from training.tokenizer import train_tokenizer  # noqa: E402
+
+BOS = 1
+
+
+def build_bundle(directory: Path) -> Path:
+    """An untrained LSTM LM exported as a loadable bundle (no parity check: there is nothing to compare)."""
+    torch.manual_seed(0)
+    model = LanguageModel(LMArgs(vocab_size=8000, cell="lstm", embedding_size=256, hidden_size=512,
+                                 num_layers=2, dropout=0.0)).eval()
+    bundle = directory / "bench-lm" / "1"
+    bundle.mkdir(parents=True)
+    graphs = export_graphs(model, bundle)
+    # A char tokenizer is enough: the model's vocabulary may be larger than the tokenizer's.
+    tokenizer = train_tokenizer("char", ["the quick brown fox jumps over the lazy dog"])
+    tokenizer.save(str(bundle / TOKENIZER_FILES["text"]))
+    manifest = Manifest(schema_version=1, name="bench-lm", version=1, kind=ModelKind.MODEL_KIND_LM, cell="lstm",
+                        sizes=model_sizes(model), special_tokens=special_tokens({"text": tokenizer}),
+                        tokenizers={"text": TOKENIZER_FILES["text"]}, graphs=graphs, opset=OPSET,
+                        onnxruntime_version=onnxruntime.__version__, torch_version=torch.__version__)
+    manifest.sha256.update({p.name: sha256_file(p) for p in sorted(bundle.iterdir())})
+    write_manifest(manifest, bundle / "manifest.json")
+    return bundle
+
+
+async def engine_run(bundle, streams: int, tokens: int) -> dict:
+    metrics = Metrics()
+    engine = ModelEngine(bundle, EngineConfig(max_rows=max(streams, 1), max_new_tokens=tokens), metrics)
+    await engine.start()
+    params = DecodingParams(max_new_tokens=tokens, min_new_tokens=tokens)  # no early <eos>: fixed work
+
+    async def consume(stream):
+        count = 0
+        async for event in stream:
+            if isinstance(event, TokenEvent):
+                count += len(event.token_ids)
+        return count
+
+    # Warm up (first-call allocations), then measure.
+    await consume(engine.submit(GenerationRequest("warm", [BOS], DecodingParams(max_new_tokens=4))))
+    ort_before = metrics.decode_step_duration_seconds.labels(model=engine.name)._sum.get()
+    started = time.perf_counter()
+    handles = [engine.submit(GenerationRequest(f"s{i}", [BOS], params)) for i in range(streams)]
+    counts = await asyncio.gather(*(consume(h) for h in handles))
+    wall = time.perf_counter() - started
+    await engine.stop(1.0)
+    ort = metrics.decode_step_duration_seconds.labels(model=engine.name)._sum.get() - ort_before
+    return {"tokens_per_s": sum(counts) / wall, "step_s": wall / tokens, "ort_step_s": ort / tokens}
+
+
+def bare_step(bundle, rows: int, repeats: int) -> float:
+    """Median seconds of one ONNX Runtime decode step on `rows` rows (the runner's call, nothing else)."""
+    runner = Runner(bundle)
+    batch = DecodeBatch(runner.zero_state(rows), np.full(rows, BOS, dtype=np.int64), np.arange(rows),
+                        np.zeros(rows, dtype=np.int64))
+    runner.decode(batch)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        runner.decode(batch)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=64, help="tokens generated by every stream")
+    parser.add_argument("--batches", default="1,8,64,128", help="concurrent streams, comma-separated")
+    parser.add_argument("--providers", default="CPUExecutionProvider", help="ONNX Runtime providers, in order")
+    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = build_bundle(Path(tmp))
+        bundle = load_bundle(path, args.providers.split(","), {"intra_op_num_threads": args.threads})
+        print(f"providers: {list(bundle.providers)}; {args.tokens} tokens per stream\n")
+        print("| streams | engine tokens/s | engine step (ms) | ORT inside engine (ms) | bare ORT step (ms) "
+              "| engine step / bare step |")
+        print("|---:|---:|---:|---:|---:|---:|")
+        for streams in (int(b) for b in args.batches.split(",")):
+            engine = asyncio.run(engine_run(bundle, streams, args.tokens))
+            bare = bare_step(bundle, streams, repeats=max(10, args.tokens // 2))
+            print(f"| {streams} | {engine['tokens_per_s']:,.0f} | {engine['step_s'] * 1e3:.2f} "
+                  f"| {engine['ort_step_s'] * 1e3:.2f} | {bare * 1e3:.2f} "
+                  f"| {engine['step_s'] / bare:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
