@@ -68,7 +68,31 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--stream", action="store_true", help="stream tokens (TranslateStream)")
             command.add_argument("--attention", action="store_true", help="return attention weights")
         command.add_argument("text", nargs="*" if name == "generate" else "+", metavar="TEXT")
+    _add_session_parser(commands, common)
     return parser
+
+
+def _add_session_parser(commands, common: argparse.ArgumentParser) -> None:
+    """`seqserve client session create|feed|generate|fork|get|close ...`: one call per invocation."""
+    session = commands.add_parser("session", parents=[common], help="stateful sessions kept on the server")
+    actions = session.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = actions.add_parser("create", parents=[common], help="open a session; prints its id")
+    create.add_argument("--model", help="LM name (optional if the server has one LM)")
+    create.add_argument("--version", type=int, default=0, help="model version (default: latest)")
+    create.add_argument("--ttl", type=int, default=0, help="idle seconds before expiry (0 = server default)")
+    create.add_argument("prefix", nargs="*", metavar="TEXT", help="text fed at creation")
+    feed = actions.add_parser("feed", parents=[common], help="append TEXT to the session")
+    feed.add_argument("--log-probs", action="store_true", help="print each fed token's log-prob")
+    generate = actions.add_parser("generate", parents=[common], help="continue the session (streams)")
+    generate.add_argument("--leave-unchanged", action="store_true",
+                          help="do not add the generated text to the session")
+    _add_decoding_flags(generate)
+    for name, help_ in (("fork", "copy the session into a new one; prints the new id"),
+                        ("get", "describe the session"), ("close", "close the session")):
+        actions.add_parser(name, parents=[common], help=help_)
+    for action in (feed, generate, *(actions.choices[n] for n in ("fork", "get", "close"))):
+        action.add_argument("session_id", metavar="SESSION_ID")
+    feed.add_argument("text", nargs="+", metavar="TEXT")
 
 
 def _add_decoding_flags(command: argparse.ArgumentParser) -> None:
@@ -163,8 +187,8 @@ def main(argv: list[str] | None = None) -> int:
                     token=getattr(args, "token", None) or os.environ.get("SEQSERVE_AUTH_TOKEN"),
                     request_id=getattr(args, "request_id", None))
     try:
-        {"models": run_models, "translate": run_translate, "generate": run_generate}[args.command](
-            client, args, as_json)
+        {"models": run_models, "translate": run_translate, "generate": run_generate,
+         "session": run_session}[args.command](client, args, as_json)
     except grpc.RpcError as error:
         return report(_from_rpc_error(error), as_json)
     except ClientError as error:
@@ -232,6 +256,41 @@ def run_generate(client: Client, args, as_json: bool) -> None:
     request = pb.GenerateRequest(model=model, version=args.version, prompt=prompt, options=options,
                                  request_id=client.request_id)
     _stream(client.call("Generate", request), as_json)
+
+
+def run_session(client: Client, args, as_json: bool) -> None:
+    action = args.action
+    if action == "create":
+        model = client.resolve_model(args.model, ModelKind.MODEL_KIND_LM)
+        prefix = " ".join(args.prefix)
+        _check_utf8("prefix", prefix)
+        answer = client.call("CreateSession", pb.CreateSessionRequest(
+            model=model, version=args.version, prefix=prefix, ttl_seconds=args.ttl))
+    elif action == "feed":
+        text = " ".join(args.text)
+        _check_utf8("text", text)
+        answer = client.call("Feed", pb.FeedRequest(session_id=args.session_id, text=text,
+                                                    return_log_probs=args.log_probs))
+    elif action == "generate":
+        request = pb.GenerateInSessionRequest(session_id=args.session_id, options=decoding_options(args),
+                                              leave_session_unchanged=args.leave_unchanged,
+                                              request_id=client.request_id)
+        _stream(client.call("GenerateInSession", request), as_json)
+        return
+    else:
+        method, message = {"fork": ("ForkSession", pb.ForkSessionRequest),
+                           "get": ("GetSession", pb.GetSessionRequest),
+                           "close": ("CloseSession", pb.CloseSessionRequest)}[action]
+        answer = client.call(method, message(session_id=args.session_id))
+    if as_json:
+        _print_json(answer)
+    elif action in ("create", "fork"):
+        print(answer.session_id)
+    elif action == "feed" and args.log_probs:
+        for item in answer.token_log_probs:
+            print(f"{item.log_prob:9.4f}  {item.token!r}")
+    else:
+        print(answer)
 
 
 def _stream(responses, as_json: bool) -> None:

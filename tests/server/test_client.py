@@ -152,3 +152,22 @@ def test_the_console_script_exits_non_zero_on_failure(target):
     result = subprocess.run([sys.executable, "-m", "seqserve.cli", "client", "--target", target, "translate",
                              "--model", "nope", "abc"], capture_output=True, text=True, env=env, timeout=60)
     assert result.returncode == 1 and result.stderr.startswith("NOT_FOUND: ")
+
+
+def test_session_commands_keep_and_fork_state(capsys, target):
+    code, session, _ = run(capsys, target, "session", "create", "--model", "tiny-lm", "the")
+    session = session.strip()
+    assert code == 0 and len(session) == 32
+    code, out, _ = run(capsys, target, "session", "feed", "--log-probs", session, " cat")
+    assert code == 0 and len(out.splitlines()) == 4  # one line per fed character
+    code, fork, _ = run(capsys, target, "session", "fork", session)
+    fork = fork.strip()
+    # Greedy continuations of the session and of its fork are the same text.
+    outs = [run(capsys, target, "session", "generate", "--max-new-tokens", "6", "--leave-unchanged", sid)
+            for sid in (session, fork)]
+    assert outs[0][0] == outs[1][0] == 0 and outs[0][1] == outs[1][1]
+    code, out, _ = run(capsys, target, "session", "get", "--json", fork)
+    assert code == 0 and int(json.loads(out)["tokens_consumed"]) > 0
+    assert run(capsys, target, "session", "close", session)[0] == 0
+    code, _, err = run(capsys, target, "session", "get", session)
+    assert code == 1 and err.startswith("NOT_FOUND") and "closed" in err
