@@ -1,7 +1,9 @@
 """PyTorch models -> ONNX graphs whose recurrent state is an explicit input and output.
 
-LM: `step.onnx` (tokens[B,T], lengths[B], h[, c]) -> (log_probs[B,T,V], h_out[, c_out]), one graph for
-prefill and decode. seq2seq: `encoder.onnx` (src[B,S], src_lengths[B]) -> (memory, mask, h_out[, c_out],
+LM: `step.onnx` (tokens[B,T], lengths[B], h[, c]) -> (log_probs[B,T,V], h_out[, c_out]), for decoding
+and prefill that wants log-probs, and `prefill.onnx` with the same inputs -> (h_out[, c_out]) only: prefill
+of a prompt needs just the state, and the vocabulary projection + log-softmax it skips are most of an LM
+step's FLOPs. seq2seq: `encoder.onnx` (src[B,S], src_lengths[B]) -> (memory, mask, h_out[, c_out],
 input_feed_out) and `decoder_step.onnx` (prev_token[B], h[, c], input_feed, memory, mask) ->
 (log_probs[B,V], h_out[, c_out], input_feed_out, attention[B,S]).
 
@@ -23,14 +25,15 @@ from torch import nn
 
 from exporters import ExportError
 from seqserve.v1.manifest_pb2 import Graph, TensorSpec
-from training.models.rnn import num_state_tensors
+from training.models.rnn import num_state_tensors, run_rnn
 
 OPSET = 17
 ONNX_RECURRENT_OPS = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN"}
 # Ops that would mean a recurrence was unrolled or looped instead of mapped to one ONNX RNN op.
 _LOOP_OPS = frozenset({"Loop", "Scan", "If"})
 
-GRAPH_FILES = {"step": "step.onnx", "encoder": "encoder.onnx", "decoder_step": "decoder_step.onnx"}
+GRAPH_FILES = {"step": "step.onnx", "prefill": "prefill.onnx", "encoder": "encoder.onnx",
+               "decoder_step": "decoder_step.onnx"}
 BATCH, TIME, SOURCE_TIME = "batch", "time", "src_time"
 
 # The example the tracer runs: every row a different length, none equal to a fixed size, so nothing
@@ -68,26 +71,48 @@ def export_graphs(model: nn.Module, directory: str | Path, opset: int = OPSET) -
     directory = Path(directory)
     model.eval()
     if model.kind == "lm":
-        return [export_lm(model, directory, opset)]
+        return [export_lm(model, directory, opset), export_lm_prefill(model, directory, opset)]
     if model.kind == "seq2seq":
         return [export_encoder(model, directory, opset), export_decoder_step(model, directory, opset)]
     raise ExportError(f"cannot export a model of kind {model.kind!r}")
 
 
 def export_lm(model, directory: Path, opset: int = OPSET) -> Graph:
+    """`step.onnx`: log-probs of every position and the new state."""
+    args = model.args
+    names, inputs, state_outputs, example = _lm_interface(model)
+    outputs = [spec("log_probs", "float32", BATCH, TIME, args.vocab_size), *state_outputs]
+    module = _Flat(model, type(model).forward)
+    return _export(module, example, directory, "step", inputs, outputs, names, opset)
+
+
+def export_lm_prefill(model, directory: Path, opset: int = OPSET) -> Graph:
+    """`prefill.onnx`: step's inputs, only its state outputs (no vocabulary projection, no softmax)."""
+    names, inputs, state_outputs, example = _lm_interface(model)
+    module = _Flat(model, _lm_state_flat)
+    return _export(module, example, directory, "prefill", inputs, state_outputs, names, opset)
+
+
+def _lm_interface(model) -> tuple[list[str], list[TensorSpec], list[TensorSpec], tuple]:
+    """An LM graph's state names, inputs, state outputs and the example the tracer runs."""
     args = model.args
     names = cell_state_names(args.cell)
     state_shape = (BATCH, args.num_layers, args.hidden_size)
     inputs = [spec("tokens", "int64", BATCH, TIME), spec("lengths", "int64", BATCH)]
     inputs += [spec(n, "float32", *state_shape) for n in names]
-    outputs = [spec("log_probs", "float32", BATCH, TIME, args.vocab_size)]
-    outputs += [spec(output_name(n), "float32", *state_shape) for n in names]
+    state_outputs = [spec(output_name(n), "float32", *state_shape) for n in names]
     lengths = torch.tensor(_EXAMPLE_LENGTHS)
     batch = len(_EXAMPLE_LENGTHS)
     tokens = torch.randint(0, args.vocab_size, (batch, int(lengths.max())), generator=_example_generator())
-    example = (tokens, lengths, *model.initial_state(batch))
-    module = _Flat(model, type(model).forward)
-    return _export(module, example, directory, "step", inputs, outputs, names, opset)
+    return names, inputs, state_outputs, (tokens, lengths, *model.initial_state(batch))
+
+
+def _lm_state_flat(model, tokens, lengths, *state):
+    """The state half of `LanguageModel.logits` (embedding -> recurrent layers), flat; dropout is off
+    in eval mode. The parity check compares its states with the model's own forward."""
+    x = model.dropout(model.embedding(tokens))
+    _, new_state = run_rnn(model.rnn, model.args.cell, x, lengths, tuple(state))
+    return tuple(new_state)
 
 
 def decoder_state(args) -> list[tuple[str, tuple]]:

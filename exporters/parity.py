@@ -94,15 +94,19 @@ class GraphRunner:
 
 
 class OrtLanguageModel:
-    """An LM's step graph behind LanguageModel's interface (call, logits, initial_state, step_fn, prefill)."""
+    """An LM's step graph behind LanguageModel's interface (call, logits, initial_state, step_fn, prefill).
+
+    `state_only`, the bundle's state-only prefill graph when it has one, is checked by the tensor grid.
+    """
 
     kind = "lm"
     providers: list[str] = []  # what ONNX Runtime gave the session, set when it is opened
     step_fn = LanguageModel.step_fn
     prefill = LanguageModel.prefill
 
-    def __init__(self, step: GraphRunner):
+    def __init__(self, step: GraphRunner, state_only: GraphRunner | None = None):
         self.step = step
+        self.state_only = state_only
         state_specs = {t.name: t for t in step.spec.inputs}
         self.state_shapes = [tuple(int(d) for d in state_specs[n].shape[1:]) for n in step.spec.state_inputs]
 
@@ -165,7 +169,7 @@ def ort_model_from_bundle(bundle):
 
 def _ort_model(runners: dict[str, GraphRunner]):
     if "step" in runners:
-        model = OrtLanguageModel(runners["step"])
+        model = OrtLanguageModel(runners["step"], runners.get("prefill"))
     else:
         model = OrtSeq2Seq(runners["encoder"], runners["decoder_step"])
     model.providers = list(next(iter(runners.values())).session.get_providers())
@@ -202,12 +206,15 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor, where: torch.Tensor | None = Non
     return float(diff.max()) if diff.numel() else 0.0
 
 
-def _lm_case(model, ort_model, tokens, lengths, state) -> tuple[float, float]:
-    ref = model(tokens, lengths, *state)
-    got = ort_model(tokens, lengths, *state)
+def _lm_case(model, ort_model, tokens, lengths, state_in) -> tuple[float, float]:
+    ref = model(tokens, lengths, *state_in)
+    got = ort_model(tokens, lengths, *state_in)
     # Positions past a row's length are padding: their outputs mean nothing and are not compared.
     valid = torch.arange(tokens.shape[1])[None, :] < lengths[:, None]
     state = max(_max_diff(r, g) for r, g in zip(ref[1:], got[1:], strict=True))
+    if ort_model.state_only is not None:  # the prefill graph's states count as states too
+        prefilled = ort_model.state_only(tokens, lengths, *state_in)
+        state = max(state, *(_max_diff(r, g) for r, g in zip(ref[1:], prefilled, strict=True)))
     return _max_diff(ref[0], got[0], valid), state
 
 
@@ -346,7 +353,8 @@ def check_parity(model, ort_model, real: list[list[int]], *, variant: str = "fp3
     report = ParityReport(
         variant=variant, max_abs_diff_log_probs=figures.log_probs, max_abs_diff_state=figures.state,
         cases=[*figures.cases,
-               "state = every output other than log_probs (recurrent state, memory, mask, attention)",
+               "state = every output other than log_probs (recurrent state, memory, mask, attention; an LM's "
+               "prefill graph's states included)",
                f"greedy: {len(greedy_inputs)} inputs, max_new_tokens={settings.max_new_tokens}",
                f"beam: {len(beam_inputs)} inputs, beam_size={settings.beam_size}, "
                f"n_best={settings.beam_size}", *mismatches],

@@ -75,7 +75,7 @@ class LoadedBundle:
     path: Path
     manifest: Manifest
     variant: str
-    graphs: Mapping[str, LoadedGraph]  # by role: "step", or "encoder" and "decoder_step"
+    graphs: Mapping[str, LoadedGraph]  # by role: "step" (and optional "prefill"), or "encoder" and "decoder_step"
     tokenizers: Mapping[str, Tokenizer]  # by role: "text", or "source" and "target"
     requested_providers: tuple[str, ...]  # as configured, before unavailable ones were dropped
     providers: tuple[str, ...]  # obtained by every session, in priority order

@@ -28,10 +28,17 @@ DTYPES = ("float32", "float16", "float64", "int64", "int32", "int8", "uint8", "b
 
 # Graph roles whose state goes in and comes back out, step after step; the encoder only makes the
 # decoder's initial state.
-RECURRENT_ROLES = frozenset({"step", "decoder_step"})
+RECURRENT_ROLES = frozenset({"step", "decoder_step", "prefill"})
+# The roles every variant of a kind must have.
 GRAPH_ROLES_BY_KIND = {
     ModelKind.MODEL_KIND_LM: ("step",),
     ModelKind.MODEL_KIND_SEQ2SEQ: ("encoder", "decoder_step"),
+}
+# Roles a variant may have besides: an LM's state-only `prefill` graph (step's inputs, its state outputs
+# only); bundles exported before it existed have none and the server prefills through `step`.
+OPTIONAL_GRAPH_ROLES_BY_KIND = {
+    ModelKind.MODEL_KIND_LM: ("prefill",),
+    ModelKind.MODEL_KIND_SEQ2SEQ: (),
 }
 TOKENIZER_ROLES_BY_KIND = {
     ModelKind.MODEL_KIND_LM: ("text",),
@@ -266,14 +273,15 @@ class _ManifestRules:
     def _check_graphs(self) -> None:
         graphs = self.manifest.graphs
         roles = GRAPH_ROLES_BY_KIND.get(self.manifest.kind)
+        allowed = None if roles is None else (*roles, *OPTIONAL_GRAPH_ROLES_BY_KIND[self.manifest.kind])
         if not graphs:
             self._fail("graphs", "a bundle needs at least one graph")
         seen_files: set[str] = set()
         roles_by_variant: dict[str, set[str]] = {}
         for index, graph in enumerate(graphs):
             where = f"graphs[{index}]"
-            if roles is not None and graph.role not in roles:
-                self._fail(f"{where}.role", f"{graph.role!r} is not one of {_listing(roles)} for this kind")
+            if allowed is not None and graph.role not in allowed:
+                self._fail(f"{where}.role", f"{graph.role!r} is not one of {_listing(allowed)} for this kind")
             if graph.variant not in VARIANTS:
                 self._fail(f"{where}.variant", f"{graph.variant!r} is not one of {_listing(VARIANTS)}")
             if not is_valid_file_name(graph.file):
@@ -291,6 +299,22 @@ class _ManifestRules:
                 for role in roles:
                     if role not in present:
                         self._fail("graphs", f"variant {variant!r} has no {role!r} graph")
+        self._check_prefill_matches_step()
+
+    def _check_prefill_matches_step(self) -> None:
+        """An LM's prefill graph is fed exactly what its variant's step is fed and returns step's state."""
+        steps = {g.variant: g for g in self.manifest.graphs if g.role == "step"}
+        for index, graph in enumerate(self.manifest.graphs):
+            step = steps.get(graph.variant)
+            if graph.role != "prefill" or step is None:
+                continue
+            if list(graph.inputs) != list(step.inputs) or list(graph.state_inputs) != list(step.state_inputs):
+                self._fail(f"graphs[{index}].inputs", f"differ from the {graph.variant!r} step graph's")
+            step_outputs = {t.name: t for t in step.outputs}
+            expected = [step_outputs.get(name) for name in step.state_outputs]
+            if list(graph.state_outputs) != list(step.state_outputs) or list(graph.outputs) != expected:
+                self._fail(f"graphs[{index}].outputs",
+                           f"must be the {graph.variant!r} step graph's state outputs")
 
     def _check_graph_interface(self, where: str, graph: Graph) -> None:
         if not graph.inputs:

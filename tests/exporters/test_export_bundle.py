@@ -54,8 +54,11 @@ def test_train_export_load_parity_round_trip(tiny_runs, tmp_path, cell, kind):
     state = ["h", "c"] if cell == "lstm" else ["h"]
     if kind == "lm":
         assert dict(manifest.tokenizers) == {"text": "tokenizer.json"}
-        (step,) = manifest.graphs
+        step, prefill = manifest.graphs
         assert list(step.state_inputs) == state and list(step.state_outputs) == [f"{s}_out" for s in state]
+        assert (prefill.role, prefill.file) == ("prefill", "prefill.onnx")
+        assert list(prefill.inputs) == list(step.inputs) and list(prefill.outputs) == list(step.outputs)[1:]
+        assert set(bundle.graphs) == {"step", "prefill"}
     else:
         assert dict(manifest.tokenizers) == {"source": "source_tokenizer.json",
                                              "target": "target_tokenizer.json"}
@@ -161,7 +164,7 @@ def test_work_in_progress_is_hidden_from_repository_scans(tiny_runs, tmp_path, m
     result = export_run(tiny_runs["rnn", "lm"], tmp_path / "models", "lm", options=SMALL)
     assert seen["staging"].name.startswith(".") and seen["staging"].parent == tmp_path / "models"
     assert seen["scan"] == {}
-    assert seen["files"] == ["manifest.json", "metrics.json", "step.onnx", "tokenizer.json"]
+    assert seen["files"] == ["manifest.json", "metrics.json", "prefill.onnx", "step.onnx", "tokenizer.json"]
     assert not seen["staging"].exists() and result.path.is_dir()
     # Published with ordinary permissions, not the private ones of a temporary directory.
     umask = os.umask(0o022)
@@ -191,3 +194,30 @@ def test_a_corrupted_published_bundle_is_refused_naming_the_file(tiny_runs, tmp_
     (result.path / "target_tokenizer.json").unlink()
     with pytest.raises(BundleError, match="missing file target_tokenizer.json"):
         load_bundle(result.path)
+
+
+def test_an_lm_bundle_without_a_prefill_graph_still_loads_and_serves(tiny_runs, tmp_path):
+    """Bundles published before prefill.onnx existed: step only; the runner prefills through step."""
+    from server.bundle import read_manifest, write_manifest
+    from server.engine.runner import Runner
+
+    result = export_run(tiny_runs["lstm", "lm"], tmp_path / "models", "lm", options=SMALL)
+    with_prefill = load_bundle(result.path)
+    manifest = read_manifest(result.path / "manifest.json")
+    kept = [g for g in manifest.graphs if g.role != "prefill"]
+    del manifest.graphs[:]
+    manifest.graphs.extend(kept)
+    del manifest.sha256["prefill.onnx"]
+    (result.path / "prefill.onnx").unlink()
+    write_manifest(manifest, result.path / "manifest.json")
+    without = load_bundle(result.path)
+    assert set(without.graphs) == {"step"}
+    # The state-only graph and step's state outputs agree.
+    sequences = [[1, 5, 6, 7], [1], [1, 9, 4]]
+    runners = [Runner(with_prefill), Runner(without)]
+    assert runners[0]._prefill is not None and runners[1]._prefill is None
+    states = [r.prefill(sequences, r.zero_state(len(sequences)), want_log_probs=False) for r in runners]
+    for got, expected in zip(states[0][0], states[1][0], strict=True):
+        assert got.shape == expected.shape
+        assert abs(got - expected).max() <= 1e-5
+    assert states[0][1] is None and states[1][1] is None

@@ -76,7 +76,7 @@ def test_inspect_prints_summary_and_verifies(published, capsys):
     out = capsys.readouterr().out
     for expected in ("model: fortunes v1 (lm, lstm)", "hidden 12 x 2 layers",
                      "step.onnx: (tokens[batch,time]", "fp32 passed", "metrics: bits_per_character",
-                     "checksums: 3 files verified"):
+                     "checksums: 4 files verified"):
         assert expected in out
     assert seqserve_main(["inspect", str(repository / "fortunes" / "1"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["cell"] == "lstm"

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
 
-from exporters.onnx_graphs import export_graphs
+from exporters.onnx_graphs import export_graphs, export_lm_prefill
 from exporters.parity import (
     ParitySettings,
     Thresholds,
@@ -85,6 +86,19 @@ def test_a_graph_that_differs_from_pytorch_fails(tiny_runs, tmp_path):
     assert not report.passed
     failures = parity_failures(report)
     assert any("fp32 log-probs differ from PyTorch by up to" in f and "limit 0.0001" in f for f in failures)
+
+
+def test_a_prefill_graph_that_differs_from_pytorch_fails_on_states(tiny_runs, tmp_path):
+    model, real = load_run(tiny_runs["lstm", "lm"])
+    graphs = export_graphs(model, tmp_path)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        next(other.rnn.parameters()).add_(0.1)
+    export_lm_prefill(other, tmp_path)  # overwrites prefill.onnx; step.onnx is still the model's
+    report = check_parity(model, open_ort_model(tmp_path, graphs), real, settings=SMALL)
+    assert report.max_abs_diff_log_probs <= 1e-4 and report.max_abs_diff_state > 1e-3
+    assert parity_failures(report) == [
+        f"fp32 states differ from PyTorch by up to {report.max_abs_diff_state:.3g} (limit 0.0001)"]
 
 
 def test_parity_failures_name_each_figure():

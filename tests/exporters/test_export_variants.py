@@ -10,7 +10,7 @@ import pytest
 import exporters.bundle as bundle_module
 from exporters import ExportError
 from exporters.bundle import ExportOptions, export_run
-from exporters.onnx_graphs import export_graphs, op_type_counts
+from exporters.onnx_graphs import check_recurrent_ops, export_graphs, op_type_counts
 from exporters.parity import ParitySettings, Thresholds
 from exporters.variants import make_variant_graphs, parse_variants, quality_delta, variant_file
 from server.bundle import load_bundle
@@ -60,7 +60,10 @@ def test_export_with_variants_records_parity_and_quality(tiny_runs, tmp_path):
     result = export_run(tiny_runs["lstm", "lm"], tmp_path / "models", "lm", options=options)
     manifest = result.manifest
     assert sorted((g.variant, g.file) for g in manifest.graphs) == [
-        ("fp16", "step.fp16.onnx"), ("fp32", "step.onnx"), ("int8", "step.int8.onnx")]
+        ("fp16", "prefill.fp16.onnx"), ("fp16", "step.fp16.onnx"), ("fp32", "prefill.onnx"),
+        ("fp32", "step.onnx"), ("int8", "prefill.int8.onnx"), ("int8", "step.int8.onnx")]
+    for graph in manifest.graphs:
+        check_recurrent_ops(result.path / graph.file, "lstm", layers=manifest.sizes.num_layers)
     reports = {r.variant: r for r in manifest.parity}
     assert set(reports) == {"fp32", "fp16", "int8"}
     for variant in ("fp16", "int8"):
@@ -71,6 +74,7 @@ def test_export_with_variants_records_parity_and_quality(tiny_runs, tmp_path):
         assert "tokens" not in report.quality_delta  # counts are not quality
         bundle = load_bundle(result.path, variant=variant)
         assert bundle.graph("step").spec.file == f"step.{variant}.onnx"
+        assert bundle.graph("prefill").spec.file == f"prefill.{variant}.onnx"
     assert reports["fp16"].max_abs_diff_log_probs < reports["int8"].max_abs_diff_log_probs
     metrics = json.loads((result.path / "metrics.json").read_text())
     assert set(metrics["variants"]) == {"fp16", "int8"}
@@ -100,5 +104,9 @@ def test_tied_lm_variants(tmp_path):
                                  tie_weights=True)).eval()
     fp32 = export_graphs(model, tmp_path)
     for variant in ("fp16", "int8"):
-        (graph,) = make_variant_graphs(tmp_path, fp32, variant)
-        onnx.checker.check_model(onnx.load(str(tmp_path / graph.file)))
+        step, prefill = make_variant_graphs(tmp_path, fp32, variant)
+        assert (step.role, prefill.role, prefill.file) == ("step", "prefill", f"prefill.{variant}.onnx")
+        assert list(prefill.outputs) == list(step.outputs)[1:]
+        for graph in (step, prefill):
+            onnx.checker.check_model(onnx.load(str(tmp_path / graph.file)))
+            check_recurrent_ops(tmp_path / graph.file, "lstm", layers=1)

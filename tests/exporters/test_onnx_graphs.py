@@ -166,3 +166,33 @@ def test_tied_lm_and_interface_names(tmp_path):
     shapes = [list(t.shape) for t in graph.outputs]
     assert shapes == [["batch", "time", "11"], ["batch", "2", "10"], ["batch", "2", "10"]]
     assert [t.dtype for t in graph.inputs] == ["int64", "int64", "float32", "float32"]
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_lm_prefill_graph_returns_step_states_only(tmp_path, cell):
+    model = tiny_lm(cell)
+    step, prefill = export_graphs(model, tmp_path)
+    assert (prefill.role, prefill.variant, prefill.file) == ("prefill", "fp32", "prefill.onnx")
+    assert list(prefill.inputs) == list(step.inputs) and list(prefill.state_inputs) == list(step.state_inputs)
+    assert list(prefill.outputs) == list(step.outputs)[1:]  # step's without log_probs
+    assert list(prefill.state_outputs) == list(step.state_outputs)
+    check_recurrent_ops(tmp_path / prefill.file, cell, layers=2)
+    counts = op_type_counts(tmp_path / prefill.file)
+    assert not {"LogSoftmax", "Gemm", "MatMul"} & set(counts), counts  # no vocabulary projection
+    proto = onnx.load(str(tmp_path / prefill.file))
+    for value in [*proto.graph.input, *proto.graph.output]:
+        assert value.type.tensor_type.shape.dim[0].dim_param == "batch", value.name
+    assert proto.graph.input[0].type.tensor_type.shape.dim[1].dim_param == "time"
+    session = make_session(tmp_path / prefill.file)
+    names = list(prefill.state_inputs)
+    for batch, time in [(1, 1), (5, 2), (2, 40)]:  # the export example was batch 3, time 7
+        tokens = torch.randint(0, 11, (batch, time))
+        lengths = torch.randint(1, time + 1, (batch,))
+        lengths[0] = time
+        state = [torch.randn(batch, 2, 10) for _ in names]
+        out = run(session, tokens=tokens, lengths=lengths, **dict(zip(names, state, strict=True)))
+        assert list(out) == list(prefill.state_outputs)
+        with torch.no_grad():
+            ref = model(tokens, lengths, *state)
+        for name, expected in zip(names, ref[1:], strict=True):
+            np.testing.assert_allclose(out[f"{name}_out"], expected.numpy(), atol=1e-5)

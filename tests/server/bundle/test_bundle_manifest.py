@@ -174,8 +174,61 @@ def test_lm_needs_its_step_graph() -> None:
     document = copy.deepcopy(LM_MANIFEST)
     document["graphs"][0]["role"] = "encoder"
     violations = _violations(document)
-    assert ("graphs[0].role", "'encoder' is not one of 'step' for this kind") in violations
+    assert ("graphs[0].role", "'encoder' is not one of 'step', 'prefill' for this kind") in violations
     assert ("graphs", "variant 'fp32' has no 'step' graph") in violations
+
+
+def _lm_prefill_graph(variant: str = "fp32") -> dict:
+    """The state-only prefill graph beside LM_MANIFEST's step: step's inputs, its state outputs only."""
+    step = LM_MANIFEST["graphs"][0]
+    suffix = "" if variant == "fp32" else f".{variant}"
+    return dict(copy.deepcopy(step), role="prefill", variant=variant, file=f"prefill{suffix}.onnx",
+                outputs=copy.deepcopy(step["outputs"][1:]))
+
+
+def test_lm_prefill_graph_is_optional() -> None:
+    parse_manifest(json.dumps(LM_MANIFEST))  # no prefill graph: valid, as bundles published before it
+    document = copy.deepcopy(LM_MANIFEST)
+    document["graphs"].append(_lm_prefill_graph())
+    document["sha256"]["prefill.onnx"] = DIGEST
+    parse_manifest(json.dumps(document))
+    # It may be present for some variants only; step stays required for every one.
+    document["graphs"].append(_lm_prefill_graph("int8"))
+    document["sha256"]["prefill.int8.onnx"] = DIGEST
+    assert _violations(document) == [("graphs", "variant 'int8' has no 'step' graph")]
+
+
+def test_lm_prefill_graph_carries_state() -> None:
+    document = copy.deepcopy(LM_MANIFEST)
+    prefill = _lm_prefill_graph()
+    prefill["state_outputs"] = ["h_out"]
+    document["graphs"].append(prefill)
+    document["sha256"]["prefill.onnx"] = DIGEST
+    assert _violations(document) == [
+        ("graphs[1].state_outputs", "1 state outputs for 2 state inputs"),
+        ("graphs[1].outputs", "must be the 'fp32' step graph's state outputs"),
+    ]
+
+
+def test_lm_prefill_graph_must_match_step() -> None:
+    document = copy.deepcopy(LM_MANIFEST)
+    prefill = _lm_prefill_graph()
+    prefill["inputs"][0]["name"] = "ids"
+    prefill["outputs"] = copy.deepcopy(LM_MANIFEST["graphs"][0]["outputs"])  # log_probs too
+    document["graphs"].append(prefill)
+    document["sha256"]["prefill.onnx"] = DIGEST
+    assert _violations(document) == [
+        ("graphs[1].inputs", "differ from the 'fp32' step graph's"),
+        ("graphs[1].outputs", "must be the 'fp32' step graph's state outputs"),
+    ]
+
+
+def test_seq2seq_has_no_prefill_graph() -> None:
+    document = _seq2seq_manifest()
+    document["graphs"].append(dict(copy.deepcopy(document["graphs"][1]), role="prefill", file="prefill.onnx"))
+    document["sha256"]["prefill.onnx"] = DIGEST
+    assert _violations(document) == [
+        ("graphs[2].role", "'prefill' is not one of 'encoder', 'decoder_step' for this kind")]
 
 
 def test_every_variant_needs_every_role() -> None:
