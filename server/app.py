@@ -1,4 +1,5 @@
-"""Process wiring: config -> model registry -> grpc.aio server (Seqserve, health, reflection) + /metrics.
+"""Process wiring: config -> model registry + session manager -> grpc.aio server (Seqserve, health, reflection)
++ /metrics.
 
 Lifecycle: `start()` loads the repository and binds the ports (port 0 picks a free one; the bound ports
 are on the App and in the "serving" log line); a repository poll publishes new versions; `drain()` (on
@@ -32,6 +33,7 @@ from server.engine import EngineConfig
 from server.errors import Unavailable
 from server.metrics import Metrics
 from server.registry import ModelRegistry
+from server.sessions import SessionLimits, SessionManager
 
 logger = logging.getLogger("server.app")
 
@@ -81,6 +83,7 @@ class App:
         self.config = config
         self.metrics = metrics
         self.registry = registry
+        self.sessions: SessionManager | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.gate = DrainGate()
@@ -99,6 +102,8 @@ class App:
         if self.registry is None:
             self.registry = _make_registry(config, self.metrics)
         await self.registry.start()
+        self.sessions = SessionManager(self.registry, _session_limits(config), metrics=self.metrics)
+        await self.sessions.start()
 
         server = grpc.aio.server(
             interceptors=[StatusInterceptor(observe=self._observe_call, gate=self.gate,
@@ -106,7 +111,8 @@ class App:
             options=[("grpc.max_receive_message_length", config.max_receive_message_bytes),
                      ("grpc.so_reuseport", 0)])  # a busy port is an error, never a silently shared one
         pb_grpc.add_SeqserveServicer_to_server(
-            SeqserveServicer(self.registry, _limits(config), observe_tokens=self._observe_tokens), server)
+            SeqserveServicer(self.registry, _limits(config), observe_tokens=self._observe_tokens,
+                             sessions=self.sessions), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (service_pb2.DESCRIPTOR.services_by_name["Seqserve"].full_name, health.SERVICE_NAME,
@@ -165,6 +171,8 @@ class App:
         if self._server is not None:
             # Health watchers and the like are the only calls left: a short grace ends them cleanly.
             await self._server.stop(max(0.0, min(1.0, deadline - time.monotonic())))
+        if self.sessions is not None:
+            await self.sessions.stop()
         await self.registry.stop(max(0.0, deadline - time.monotonic()))
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
@@ -215,6 +223,14 @@ def _limits(config: ServerConfig) -> RequestLimits:
     return RequestLimits(default_max_new_tokens=config.default_max_new_tokens, max_new_tokens=config.max_new_tokens,
                          default_beam_size=config.default_beam_size, max_beam_size=config.max_beam_size,
                          max_sources=config.max_sources, max_input_tokens=config.max_input_tokens)
+
+
+def _session_limits(config: ServerConfig) -> SessionLimits:
+    # A session looks back as far as a Generate request can (its prompt and its output), so a session's text
+    # decodes as a Generate of the same text would, and costs the batch no more history than one.
+    return SessionLimits(max_sessions=config.max_sessions, default_ttl_seconds=config.session_ttl_seconds,
+                         max_ttl_seconds=config.max_session_ttl_seconds, max_input_tokens=config.max_input_tokens,
+                         history_tokens=config.max_input_tokens + 1 + config.max_new_tokens)
 
 
 def _make_registry(config: ServerConfig, metrics: Metrics) -> ModelRegistry:

@@ -44,9 +44,10 @@ class ServerConfig:
     # --- ONNX Runtime
     providers: tuple[str, ...] = ("CPUExecutionProvider",)  # execution providers, most preferred first
     variant: str = "fp32"  # graph variant to serve: fp32 | fp16 | int8
-    intra_op_threads: int = 0  # threads inside one operator; 0 = ONNX Runtime decides
+    intra_op_threads: int = 0  # threads inside one operator; 0 = cores - 1 (one core stays for the engine loop)
     inter_op_threads: int = 0  # threads across operators; 0 = ONNX Runtime decides
     graph_optimization_level: str = "all"  # disable | basic | extended | all
+    ort_spinning: bool = False  # let idle ONNX Runtime threads spin (lower latency, but they take CPU from Python)
     # --- engine limits (per loaded model)
     max_rows_per_step: int = 256  # batch rows (requests x beams) advanced by one decode step
     max_queue: int = 1024  # requests waiting for rows; more are refused with RESOURCE_EXHAUSTED
@@ -56,6 +57,10 @@ class ServerConfig:
     max_beam_size: int = 16  # the widest beam a request may ask for
     default_beam_size: int = 4  # what a beam request that leaves beam_size at 0 gets
     max_sources: int = 64  # source texts in one Translate request
+    # --- sessions (all models together)
+    max_sessions: int = 10_000  # open sessions; at the limit, the least recently used idle one is evicted
+    session_ttl_seconds: int = 600  # idle time after which a session expires, when CreateSession asks for none
+    max_session_ttl_seconds: int = 86_400  # the longest idle TTL CreateSession / ForkSession may ask for
     # --- gRPC transport
     max_receive_message_bytes: int = 4 * 1024 * 1024  # larger requests get RESOURCE_EXHAUSTED
     auth_token: str = field(default="", repr=False)  # when set, Seqserve RPCs need "authorization: Bearer <it>"
@@ -86,7 +91,7 @@ class ServerConfig:
         _check(self.graph_optimization_level in OPTIMIZATION_LEVELS, "graph_optimization_level",
                self.graph_optimization_level, "one of " + ", ".join(OPTIMIZATION_LEVELS))
         for name in ("max_rows_per_step", "max_queue", "max_input_tokens", "max_new_tokens", "max_beam_size",
-                     "max_sources", "max_receive_message_bytes"):
+                     "max_sources", "max_receive_message_bytes", "max_sessions"):
             _check(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
         _check(1 <= self.default_max_new_tokens <= self.max_new_tokens, "default_max_new_tokens",
                self.default_max_new_tokens, f"in [1, max_new_tokens={self.max_new_tokens}]")
@@ -94,6 +99,10 @@ class ServerConfig:
                f"in [1, max_beam_size={self.max_beam_size}]")
         _check(self.max_beam_size <= self.max_rows_per_step, "max_beam_size", self.max_beam_size,
                f"at most max_rows_per_step={self.max_rows_per_step} (a beam request needs all its rows)")
+        _check(1 <= self.max_session_ttl_seconds <= 2**31 - 1, "max_session_ttl_seconds", self.max_session_ttl_seconds,
+               "in [1, 2147483647] seconds")
+        _check(1 <= self.session_ttl_seconds <= self.max_session_ttl_seconds, "session_ttl_seconds",
+               self.session_ttl_seconds, f"in [1, max_session_ttl_seconds={self.max_session_ttl_seconds}]")
         _check(self.poll_interval_seconds >= 0, "poll_interval_seconds", self.poll_interval_seconds,
                ">= 0 (0 = never)")
         _check(self.drain_grace_seconds >= 0, "drain_grace_seconds", self.drain_grace_seconds, ">= 0")
@@ -107,8 +116,11 @@ class ServerConfig:
     @property
     def session_options(self) -> dict[str, Any]:
         """ONNX Runtime session options in the form `server.bundle.make_session_options` takes."""
-        return {"intra_op_num_threads": self.intra_op_threads, "inter_op_num_threads": self.inter_op_threads,
-                "graph_optimization_level": self.graph_optimization_level}
+        # ONNX Runtime's own default (every core, spinning) makes its threads fight the engine's Python
+        # thread for the CPU: measured in bench/RESULTS.md, one core left free is faster on 2 cores.
+        intra = self.intra_op_threads or max(1, (os.cpu_count() or 2) - 1)
+        return {"intra_op_num_threads": intra, "inter_op_num_threads": self.inter_op_threads,
+                "graph_optimization_level": self.graph_optimization_level, "allow_spinning": self.ort_spinning}
 
     def to_toml(self, *, redact: bool = True) -> str:
         """The effective settings as TOML that `load_config` reads back (the auth token hidden if `redact`)."""

@@ -40,12 +40,12 @@ class ModelStatus:
 
 
 class ModelRegistry:
-    def __init__(self, repository: str | os.PathLike[str], *, config: EngineConfig = EngineConfig(),
+    def __init__(self, repository: str | os.PathLike[str], *, config: EngineConfig | None = None,
                  metrics: Metrics | None = None, providers: Sequence[ProviderSpec] = (CPU_PROVIDER,),
                  session_options: Mapping[str, Any] | None = None, variant: str = DEFAULT_VARIANT,
                  drain_seconds: float = 30.0):
         self.repository = Path(repository)
-        self.config = config
+        self.config = config if config is not None else EngineConfig()
         self.metrics = metrics if metrics is not None else Metrics()
         self.providers = tuple(providers)
         self.session_options = dict(session_options or {})

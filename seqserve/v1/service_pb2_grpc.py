@@ -143,8 +143,12 @@ class SeqserveServicer:
 
     def GenerateInSession(self, request, context):
         """GenerateInSession continues a session's text. Server streaming, the same messages as Generate.
-        The generated tokens become part of the session unless leave_session_unchanged is set; if the
-        client cancels, the tokens streamed so far stay in the session.
+        The generated tokens (those of a matched stop string and a final end-of-sequence token included)
+        become part of the session unless leave_session_unchanged is set. If the client cancels, goes
+        away or runs out of deadline, every token generated until the server saw it stays in the session:
+        the tokens streamed so far, and possibly a few more that had not reached the client
+        (GetSession's tokens_consumed counts them); never part of a token. One generation runs in a
+        session at a time: a second one is refused with FAILED_PRECONDITION.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -158,7 +162,9 @@ class SeqserveServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetSession(self, request, context):
-        """GetSession describes a session. Unary.
+        """GetSession describes a session. Unary. It answers after the session's operations acknowledged
+        before it, except a generation still running, which it reports (Session.generating) rather than
+        waits for.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -174,8 +180,11 @@ class SeqserveServicer:
     def Converse(self, request_iterator, context):
         """Converse carries session operations for one or many sessions over one connection. Bidirectional
         streaming: each request is answered by one response (several for a generation, the last with
-        .generate.done) tagged with the request's request_tag. Operations on one session are applied in
-        the order they arrive; a failed operation is answered with .error and the stream goes on.
+        .generate.done) tagged with the request's request_tag. Operations on one session are applied,
+        and answered, in the order they arrive (a get waits for a generation sent before it); those on
+        different sessions run concurrently and their answers interleave. A failed operation is answered
+        with .error and the stream goes on. When the client closes its side, the answers still owed are
+        sent, then the stream ends.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -184,6 +184,28 @@ def hypothesis_to_pb(hypothesis: Any, vocab, *, text: str | None = None, token_l
     return message
 
 
+def session_to_pb(info: Any) -> pb.Session:
+    """A `server.sessions.SessionInfo` (times in unix seconds) as a Session message."""
+    session = pb.Session(session_id=info.session_id, model=info.model, version=info.version,
+                         tokens_consumed=info.tokens_consumed, age_seconds=info.age_seconds,
+                         idle_seconds=info.idle_seconds, ttl_seconds=info.ttl_seconds, state_bytes=info.state_bytes,
+                         generating=info.generating)
+    session.created_at.FromNanoseconds(round(info.created_at * 1e9))
+    session.last_used_at.FromNanoseconds(round(info.last_used_at * 1e9))
+    session.expires_at.FromNanoseconds(round(info.expires_at * 1e9))
+    return session
+
+
+def feed_response_to_pb(result: Any) -> pb.FeedResponse:
+    """A `server.sessions.FeedResult` as a FeedResponse."""
+    response = pb.FeedResponse(tokens_fed=result.tokens_fed, tokens_consumed=result.tokens_consumed)
+    if result.log_probs is not None:
+        response.token_log_probs.extend(
+            pb.TokenLogProb(token_id=int(t), token=token, log_prob=float(p))
+            for t, token, p in zip(result.token_ids, result.tokens, result.log_probs, strict=True))
+    return response
+
+
 def model_info_to_pb(name: str, version: int, manifest: Manifest, *, providers: Sequence[str] = (),
                      requested_providers: Sequence[str] = (), variant: str = "", ready: bool = False
                      ) -> pb.ModelInfo:

@@ -1,9 +1,10 @@
 """The Seqserve gRPC servicer: thin. Protobuf in, domain requests to the model's engine, events out.
 
 Validation and conversion live in `convert`, status codes in `errors` (this module only raises domain
-errors). Streams send the tokens of each engine step as they come; when the client reads slower than
-the engine decodes, the tokens that piled up go out together as one TokenChunk. A cancelled or
-disconnected client cancels the engine request, so its rows leave the batch at the next step.
+errors), sessions in `server.sessions`, the Converse multiplexing in `converse`. Streams send the
+tokens of each engine step as they come; when the client reads slower than the engine decodes, the
+tokens that piled up go out together as one TokenChunk. A cancelled or disconnected client cancels the
+engine request, so its rows leave the batch at the next step.
 """
 
 from __future__ import annotations
@@ -14,34 +15,35 @@ import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-import grpc
-
 from seqserve.v1 import service_pb2 as pb
 from seqserve.v1 import service_pb2_grpc as pb_grpc
 from seqserve.v1.manifest_pb2 import ModelKind
 from server.api import convert
+from server.api.converse import converse
 from server.api.convert import RequestLimits
 from server.api.errors import request_id_var
 from server.bundle import MANIFEST_FILE, BundleError, read_manifest
 from server.bundle.sessions import provider_name
 from server.engine.requests import FinishEvent, GenerationRequest, TokenEvent, TranslationRequest
 from server.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, SeqserveError, Unavailable
+from server.sessions import SessionManager
 
 logger = logging.getLogger(__name__)
 
 _KIND_OF_RPC = {"Translate": ModelKind.MODEL_KIND_SEQ2SEQ, "TranslateStream": ModelKind.MODEL_KIND_SEQ2SEQ,
                 "Generate": ModelKind.MODEL_KIND_LM}
-_SESSIONS_LATER = ("sessions are not served yet: CreateSession, Feed, GenerateInSession, ForkSession, "
-                   "GetSession, CloseSession and Converse come in a later release")
 
 
 class SeqserveServicer(pb_grpc.SeqserveServicer):
-    """Answers the Seqserve RPCs from the engines of `registry` (a `server.registry.ModelRegistry`)."""
+    """Answers the Seqserve RPCs from the engines of `registry` (a `server.registry.ModelRegistry`) and the
+    sessions of `sessions` (by default a `SessionManager` of the registry with default limits)."""
 
     def __init__(self, registry, limits: RequestLimits,
-                 observe_tokens: Callable[[str, float | None, float], None] | None = None):
+                 observe_tokens: Callable[[str, float | None, float], None] | None = None,
+                 sessions: SessionManager | None = None):
         self._registry = registry
         self._limits = limits
+        self._sessions = sessions if sessions is not None else SessionManager(registry)
         # observe_tokens(model, seconds since the previous chunk (None for the first), seconds since start)
         self._observe_tokens = observe_tokens or (lambda *args: None)
 
@@ -145,30 +147,81 @@ class SeqserveServicer(pb_grpc.SeqserveServicer):
                                         requested_providers=[provider_name(p) for p in self._registry.providers],
                                         variant=self._registry.variant)
 
-    # --- sessions: a later issue -----------------------------------------------------------------------
+    # --- sessions ----------------------------------------------------------------------------------
+    # The context argument is unused, so Converse calls these handlers with None.
 
-    async def CreateSession(self, request, context):
-        await _unimplemented(context)
+    async def CreateSession(self, request: pb.CreateSessionRequest, context) -> pb.Session:
+        name, version = _checked_name(request.model, request.version)
+        return convert.session_to_pb(await self._sessions.create(name, version, request.prefix, request.ttl_seconds))
 
-    async def Feed(self, request, context):
-        await _unimplemented(context)
+    async def Feed(self, request: pb.FeedRequest, context) -> pb.FeedResponse:
+        result = await self._sessions.feed(request.session_id, request.text, request.return_log_probs)
+        return convert.feed_response_to_pb(result)
 
-    async def GenerateInSession(self, request, context):
-        await _unimplemented(context)
-        yield  # pragma: no cover - makes this a streaming handler
+    async def GenerateInSession(self, request: pb.GenerateInSessionRequest, context
+                                ) -> AsyncIterator[pb.GenerateResponse]:
+        async for response in self._generate_in_session(request, request_id_var.get(), _ready_batches):
+            yield response
 
-    async def ForkSession(self, request, context):
-        await _unimplemented(context)
+    async def ForkSession(self, request: pb.ForkSessionRequest, context) -> pb.Session:
+        return convert.session_to_pb(await self._sessions.fork(request.session_id, request.ttl_seconds))
 
-    async def GetSession(self, request, context):
-        await _unimplemented(context)
+    async def GetSession(self, request: pb.GetSessionRequest, context) -> pb.Session:
+        # Answers during a generation (Session.generating); Converse's get waits for it like any operation.
+        return convert.session_to_pb(await self._sessions.get(request.session_id))
 
-    async def CloseSession(self, request, context):
-        await _unimplemented(context)
+    async def CloseSession(self, request: pb.CloseSessionRequest, context) -> pb.CloseSessionResponse:
+        return pb.CloseSessionResponse(session=convert.session_to_pb(await self._sessions.close(request.session_id)))
 
-    async def Converse(self, request_iterator, context):
-        await _unimplemented(context)
-        yield  # pragma: no cover - makes this a streaming handler
+    async def Converse(self, request_iterator, context) -> AsyncIterator[pb.ConverseResponse]:
+        stream_id = request_id_var.get()
+
+        async def run_operation(request: pb.ConverseRequest):
+            operation = request.WhichOneof("operation")
+            if operation is None:
+                raise InvalidArgument(field="operation", value=None, allowed="one of create_session, feed, "
+                                      "generate, fork, get, close")
+            message = getattr(request, operation)
+            if operation == "generate":
+                # One message per engine step, unpumped: the .done answer is queued before the answers of
+                # the session's next operations (see server.sessions.generation).
+                request_id = f"{stream_id}/{request.request_tag}"[:128]
+                async for response in self._generate_in_session(message, request_id, _one_at_a_time):
+                    yield operation, response
+                return
+            if operation == "get":
+                yield operation, convert.session_to_pb(
+                    await self._sessions.get(message.session_id, generation_included=True))
+                return
+            handler = {"create_session": self.CreateSession, "feed": self.Feed, "fork": self.ForkSession,
+                       "close": self.CloseSession}[operation]
+            yield operation, await handler(message, None)
+
+        async for response in converse(request_iterator, run_operation):
+            yield response
+
+    async def _generate_in_session(self, request: pb.GenerateInSessionRequest, request_id: str, batches
+                                   ) -> AsyncIterator[pb.GenerateResponse]:
+        arrived = time.perf_counter()
+        params = convert.params_from_pb(request.options, self._limits, single_result=True)
+        generation = self._sessions.generate(request.session_id, params,
+                                             leave_unchanged=request.leave_session_unchanged,
+                                             request_id=request.request_id or request_id)
+        try:
+            model = ServedModel(await generation.ready(), self._limits)
+            async for item in self._chunks(generation, model, _TokenLog(), arrived, batches=batches):
+                if isinstance(item, pb.TokenChunk):
+                    yield pb.GenerateResponse(chunk=item)
+                    continue
+                best = item.hypotheses[0] if item.hypotheses else None
+                yield pb.GenerateResponse(done=pb.GenerationDone(
+                    finish_reason=convert.finish_reason_to_pb(item.reason), prompt_tokens=0,
+                    generated_tokens=len(item.generated_ids), text=item.text,
+                    matched_stop=model.matched_stop(item, params.stop),
+                    log_prob=best.log_prob if best is not None else 0.0, model=model.name, version=model.version,
+                    session_tokens_consumed=generation.tokens_consumed or 0))
+        finally:
+            generation.cancel()  # a no-op once it finished; else the tokens so far stay in the session
 
     # --- helpers ---------------------------------------------------------------------------------------
 
@@ -183,14 +236,15 @@ class SeqserveServicer(pb_grpc.SeqserveServicer):
                                      f"is a {_kind_name(model.kind)} model{hint}")
         return model
 
-    async def _chunks(self, stream, model: ServedModel, tokens: _TokenLog, arrived: float, send_tokens: bool = True
-                      ) -> AsyncIterator[pb.TokenChunk | FinishEvent]:
+    async def _chunks(self, stream, model: ServedModel, tokens: _TokenLog, arrived: float, send_tokens: bool = True,
+                      batches=None) -> AsyncIterator[pb.TokenChunk | FinishEvent]:
         """TokenChunks of the stream's tokens (coalesced when several are ready), then its FinishEvent.
 
         `arrived` (perf_counter) is when the call came in: time to first token counts from there.
+        `batches` groups the events (default `_ready_batches`: whatever piled up).
         """
         previous = arrived
-        async for events in _ready_batches(stream):
+        async for events in (batches or _ready_batches)(stream):
             token_events = [event for event in events if isinstance(event, TokenEvent)]
             for event in token_events:
                 tokens.add(event)
@@ -335,6 +389,15 @@ async def _ready_batches(stream) -> AsyncIterator[list]:
         task.cancel()
 
 
+async def _one_at_a_time(stream) -> AsyncIterator[list]:
+    """The stream's events one by one, without a pump task (leaving early cancels the stream)."""
+    try:
+        async for event in stream:
+            yield [event]
+    finally:
+        stream.cancel()
+
+
 def _checked_name(name: str, version: int) -> tuple[str, int]:
     if not name:
         raise InvalidArgument(field="model", value=name, allowed="a model name (ListModels lists them)")
@@ -354,10 +417,6 @@ def _raise_if_deadline(finish: FinishEvent, context) -> None:
     if convert.finish_reason_to_pb(finish.reason) == pb.FINISH_REASON_CANCELLED and remaining is not None \
             and remaining <= 0:
         raise DeadlineExceeded(f"the deadline passed after {len(finish.generated_ids)} generated tokens")
-
-
-async def _unimplemented(context) -> None:
-    await context.abort(grpc.StatusCode.UNIMPLEMENTED, _SESSIONS_LATER)
 
 
 def _kind_name(kind: int) -> str:

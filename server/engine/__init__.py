@@ -1,8 +1,9 @@
 """The serving engine: one ModelEngine per loaded model version, continuous batching over ONNX Runtime.
 
-queue (scheduler.py) -> batched prefill / encode (runner.py) -> one decode call per step for every row
-(batch.py, core.py) -> token choice (server.decoding) -> text and stop strings (text.py) -> events
-(requests.py), driven by the asyncio loop of engine.py.
+requests validated on entry (validation.py) -> queue and admission (scheduler.py) -> batched prefill or
+encode, then one decode call per step for every row (runner.py, batch.py, core.py) -> token choice
+(server.decoding; beam groups in beams.py) -> text and stop strings (text.py, tracking.py) -> events on
+each request's stream (requests.py). engine.py runs that loop on a worker thread beside asyncio.
 """
 
 from server.engine.config import EngineConfig

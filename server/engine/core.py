@@ -80,13 +80,28 @@ class EngineCore:
         leaving = [slot for slot in slots if slot in self.tracked]
         if not leaving:
             return
+        parked = self._parked(leaving)
         keep = ~np.isin(self.batch.owners, np.array(leaving, dtype=np.int64))
         self.choosers = self.choosers.filter(keep[self.batch.groups == CHOOSER_GROUP])
         for beam in self.beams.values():
             beam.leave(leaving)
         self.batch = self.batch.filter(keep)
         for slot in leaving:
-            result.dropped[slot] = self.tracked.pop(slot).finish_event(FinishReason.CANCELLED)
+            state, last_token_id = parked.get(slot, (None, None))
+            result.dropped[slot] = self.tracked.pop(slot).finish_event(FinishReason.CANCELLED, state, last_token_id)
+
+    def _parked(self, slots: list[int]) -> dict[int, tuple[State, int]]:
+        """Leaving greedy/sampling rows that asked for their final state: (state, token) as a finish
+        would give them: the row's state before its last chosen token, and that token (a row in the
+        batch has chosen at least one token, none of them <eos>). Per leaving request, not per row."""
+        parked = {}
+        for slot in slots:
+            tracked = self.tracked[slot]
+            if tracked.params.strategy == "beam" or not getattr(tracked.entry.request, "return_final_state", False):
+                continue
+            (row,) = np.flatnonzero(self.batch.owners == slot)
+            parked[slot] = (tuple(s[row : row + 1].copy() for s in self.batch.state), int(self.batch.tokens[row]))
+        return parked
 
     # --- rows join ------------------------------------------------------------------------------
 

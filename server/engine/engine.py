@@ -48,9 +48,9 @@ class EngineStats(NamedTuple):
 
 
 class ModelEngine:
-    def __init__(self, bundle: LoadedBundle, config: EngineConfig = EngineConfig(), metrics: Metrics | None = None):
+    def __init__(self, bundle: LoadedBundle, config: EngineConfig | None = None, metrics: Metrics | None = None):
         self.bundle = bundle
-        self.config = config
+        self.config = config = config if config is not None else EngineConfig()
         self.name = bundle.name
         self.version = bundle.version
         self.kind = "lm" if bundle.kind == ModelKind.MODEL_KIND_LM else "seq2seq"

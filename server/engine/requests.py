@@ -72,9 +72,11 @@ class FinishEvent:
     `text` and `generated_ids` are the best hypothesis' (a stop string and what follows it excluded
     from the text). `texts` is the text of every hypothesis. `final_state` (GenerationRequest with
     return_final_state, greedy or sampling) is the state after all tokens but `last_token_id`, the
-    last chosen one (<eos> when the reason is EOS). `attention` (TranslationRequest with
-    return_attention): per hypothesis an array [steps, source_length], one row per chosen token,
-    <eos> included when chosen. `seed`: the sampling seed used (drawn by the server if none was given).
+    last chosen one (<eos> when the reason is EOS); a request cancelled while decoding has them too,
+    for the tokens chosen before it left (none when it left before its first step). `attention`
+    (TranslationRequest with return_attention): per hypothesis an array [steps, source_length], one
+    row per chosen token, <eos> included when chosen. `seed`: the sampling seed used (drawn by the
+    server if none was given).
     """
 
     reason: FinishReason

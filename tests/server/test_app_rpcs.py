@@ -165,15 +165,6 @@ def test_health_and_reflection(server):
         assert {"seqserve.v1.Seqserve", "grpc.health.v1.Health"} <= names
 
 
-def test_session_rpcs_are_unimplemented_with_a_reason(stub):
-    with pytest.raises(grpc.RpcError) as caught:
-        stub.CreateSession(pb.CreateSessionRequest(model="tiny-lm"))
-    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED and "sessions" in caught.value.details()
-    with pytest.raises(grpc.RpcError) as caught:
-        list(stub.GenerateInSession(pb.GenerateInSessionRequest(session_id="x")))
-    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
-
-
 # --- the reference decoders, token for token ----------------------------------------------------------------
 
 @pytest.mark.parametrize("options", [{}, {"strategy": "beam", "beam_size": 4, "n_best": 3, "length_penalty": 0.6}])

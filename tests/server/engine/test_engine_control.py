@@ -49,7 +49,7 @@ def lm(tiny_runs, tmp_path_factory):
     return model_from_checkpoint(load_checkpoint(find_checkpoint(run))), load_bundle(path, session_options=ONE_THREAD)
 
 
-def with_engine(bundle, body, config=EngineConfig(), metrics=None):
+def with_engine(bundle, body, config=None, metrics=None):
     async def go():
         engine = ModelEngine(bundle, config, metrics)
         await engine.start()
@@ -268,13 +268,14 @@ def test_stop_drains_in_flight_requests_then_refuses(lm):
     _, bundle = lm
 
     async def go():
-        engine = ModelEngine(bundle, EngineConfig())
+        # The grace period is long enough for 30 tokens even on a loaded machine, far too short for 10^6.
+        engine = ModelEngine(bundle, EngineConfig(max_new_tokens=1_000_000))
         await engine.start()
         short = engine.submit(GenerationRequest("s", prompt(bundle, "a"), DecodingParams(max_new_tokens=30,
                                                                                          min_new_tokens=30)))
         endless = engine.submit(GenerationRequest("e", prompt(bundle, "a"), DecodingParams(
-            max_new_tokens=1000, min_new_tokens=1000)))
-        stopping = asyncio.create_task(engine.stop(0.05))
+            max_new_tokens=1_000_000, min_new_tokens=1_000_000)))
+        stopping = asyncio.create_task(engine.stop(2.0))
         await asyncio.sleep(0)
         with pytest.raises(Unavailable):
             engine.submit(GenerationRequest("late", prompt(bundle, "a"), DecodingParams()))

@@ -5,6 +5,7 @@ on tiny trained LM and seq2seq bundles, whatever else shares the batch.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 
 import numpy as np
@@ -41,7 +42,7 @@ def tiny(tiny_runs, tmp_path_factory):
     return out
 
 
-def run_engine(bundle_dir, requests, config=EngineConfig()):
+def run_engine(bundle_dir, requests, config=None):
     """Submit every request at once to a fresh engine; return their finish events in order."""
 
     async def go():
@@ -141,7 +142,8 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_crowd(tiny):
     for i, other in enumerate(lm_prompts(tokenizer, 32, seed=6)):
         strategy = rng.choice(["sample", "greedy", "beam"])
         crowd.append(GenerationRequest(f"c{i}", other, DecodingParams(
-            strategy=strategy, seed=rng.randrange(2**64), temperature=0.8, beam_size=2, max_new_tokens=rng.randint(5, 40))))
+            strategy=strategy, seed=rng.randrange(2**64), temperature=0.8, beam_size=2,
+            max_new_tokens=rng.randint(5, 40))))
     events = run_engine(bundle_dir, crowd[:16] + [GenerationRequest("crowded", prompt, params)] + crowd[16:],
                         EngineConfig(max_rows=24))  # some of the crowd waits and joins mid-stream
     assert events[16].generated_ids == alone.generated_ids
@@ -191,3 +193,45 @@ def test_translation_attention_follows_each_hypothesis(tiny):
                     out = model.decode_step(torch.tensor([fed[step]]), *decoder_state, memory, mask)
                     decoder_state = out[1:-1]
                     np.testing.assert_allclose(attention[step], out[-1][0].numpy(), atol=1e-5)
+
+
+class _CountingSession:
+    """An ONNX Runtime session that counts its runs."""
+
+    def __init__(self, session):
+        self.session, self.runs = session, 0
+
+    def run(self, *args, **kwargs):
+        self.runs += 1
+        return self.session.run(*args, **kwargs)
+
+
+def test_lm_prefill_graph_gives_the_same_generations_as_step(tiny):
+    """The state-only prefill graph is used when the bundle has one, and changes no token or score."""
+    model, bundle_dir = tiny["lm"]
+    bundle = load_bundle(bundle_dir, session_options=ONE_THREAD)
+    assert set(bundle.graphs) == {"step", "prefill"}
+    counting = _CountingSession(bundle.graphs["prefill"].session)
+    with_prefill = dataclasses.replace(bundle, graphs={
+        "step": bundle.graphs["step"], "prefill": dataclasses.replace(bundle.graphs["prefill"], session=counting)})
+    step_only = dataclasses.replace(bundle, graphs={"step": bundle.graphs["step"]})
+    inputs = lm_prompts(bundle.tokenizer("text"), 12, seed=4)
+    params = [DecodingParams(strategy="greedy", max_new_tokens=16),
+              DecodingParams(strategy="beam", beam_size=3, n_best=2, max_new_tokens=12)]
+    requests = [GenerationRequest(f"p{i}{j}", ids, p) for i, ids in enumerate(inputs) for j, p in enumerate(params)]
+
+    async def go(loaded):
+        engine = ModelEngine(loaded, None)
+        await engine.start()
+        try:
+            return await asyncio.gather(*(engine.submit(r).result() for r in requests))
+        finally:
+            await engine.stop(1.0)
+
+    got, before = asyncio.run(go(with_prefill)), asyncio.run(go(step_only))
+    assert counting.runs > 0
+    for a, b in zip(got, before, strict=True):
+        assert [h.tokens for h in a.hypotheses] == [h.tokens for h in b.hypotheses]
+        np.testing.assert_allclose([h.score for h in a.hypotheses], [h.score for h in b.hypotheses], atol=1e-5)
+    expected = reference(model, inputs, params[0])
+    assert_same(got[::2], expected)

@@ -1,0 +1,134 @@
+"""A generation inside a session: the engine's events for the caller, the session parked at the end.
+
+The work runs in a task of its own, not in the caller's: a client that cancels or disconnects only
+cancels the engine request, and the task still receives the engine's partial finish event and parks
+what was generated before the cancellation (see `SessionManager.park`). The session's turn is
+released only once the caller has taken the finish event (or gone), so the answer to a generation
+always precedes the answers to the operations queued behind it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from server.decoding import DecodingParams
+from server.engine import FinishEvent, GenerationRequest, ModelEngine, RequestStream, TokenEvent
+from server.sessions.ordering import Turn
+
+if TYPE_CHECKING:
+    from server.sessions.manager import SessionManager
+
+_END = object()
+
+
+class SessionGeneration:
+    """Async iterator of the engine's TokenEvents and FinishEvent; `await ready()` gives the engine first.
+
+    `tokens_consumed` is the session's count after the generation (set before the FinishEvent comes).
+    """
+
+    def __init__(self, manager: SessionManager, session_id: str, turn: Turn, params: DecodingParams,
+                 leave_unchanged: bool, request_id: str):
+        loop = asyncio.get_running_loop()
+        self.session_id = session_id
+        self.request_id = request_id
+        self.tokens_consumed: int | None = None
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._ready = loop.create_future()
+        self._ready.add_done_callback(_retrieve)  # nobody may ask; its error also reaches the iterator
+        self._taken = loop.create_future()  # the caller took the FinishEvent, or left
+        self._stream: RequestStream | None = None
+        self._cancelled = False
+        self._ended = False
+        self.task = loop.create_task(self._run(manager, turn, params, leave_unchanged),
+                                     name=f"session generation {request_id}")
+
+    async def ready(self) -> ModelEngine:
+        """The engine the generation runs on, once it is submitted; raises what stopped it before that."""
+        return await asyncio.shield(self._ready)
+
+    def __aiter__(self) -> SessionGeneration:
+        return self
+
+    async def __anext__(self) -> TokenEvent | FinishEvent:
+        if self._ended:
+            raise StopAsyncIteration
+        try:
+            item = await self._queue.get()
+        except asyncio.CancelledError:
+            self.cancel()
+            raise
+        if item is _END:
+            self._ended = True
+            raise StopAsyncIteration
+        if isinstance(item, BaseException):
+            self._ended = True
+            raise item
+        if isinstance(item, FinishEvent):
+            self._ended = True
+            _set(self._taken)  # the session's next operation may run once this call returns
+        return item
+
+    def cancel(self) -> None:
+        """The caller is gone: stop generating; what was generated so far is parked in the session."""
+        if self._cancelled:
+            return
+        self._cancelled = True
+        if self._stream is not None:
+            self._stream.cancel()
+        _set(self._taken)
+
+    async def _run(self, manager: SessionManager, turn: Turn, params: DecodingParams, leave_unchanged: bool):
+        try:
+            async with turn:
+                record = await manager.record_of(self.session_id)
+                if self._cancelled:
+                    return
+
+                def submit(engine: ModelEngine) -> RequestStream:
+                    return engine.submit(GenerationRequest(
+                        self.request_id, [record.last_token_id], params, initial_state=record.state,
+                        history_ids=record.history.tolist(), return_final_state=not leave_unchanged))
+
+                engine, stream = await manager.on_engine(record, submit)
+                self._stream = stream
+                if self._cancelled:
+                    stream.cancel()
+                self._ready.set_result(engine)
+                async for event in stream:
+                    if isinstance(event, FinishEvent):
+                        self.tokens_consumed = record.tokens_consumed
+                        if not leave_unchanged:
+                            self.tokens_consumed = await manager.park(record, engine, event)
+                        self._queue.put_nowait(event)
+                        await self._taken
+                    else:
+                        self._queue.put_nowait(event)
+        except asyncio.CancelledError as error:  # the manager is stopping
+            self._fail(error)
+            raise
+        except Exception as error:  # noqa: BLE001 - handed to the caller, who raises it
+            self._fail(error)
+        finally:
+            if not self._ready.done():  # left before it was submitted
+                self._ready.cancel()
+            self._queue.put_nowait(_END)
+
+    def _fail(self, error: BaseException) -> None:
+        if not self._ready.done():
+            if isinstance(error, asyncio.CancelledError):
+                self._ready.cancel()
+            else:
+                self._ready.set_exception(error)
+        self._queue.put_nowait(error)
+
+
+def _set(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
