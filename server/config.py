@@ -23,6 +23,9 @@ except ModuleNotFoundError:  # Python 3.10: tomli is the same parser under its o
     import tomli as tomllib  # type: ignore[no-redef]
 
 ENV_PREFIX = "SEQSERVE_"
+# Variables of the same prefix that belong to other programs (`seqserve client` reads these), so a shell
+# that exports them can still start the server.
+FOREIGN_ENV = frozenset({"SEQSERVE_CONFIG", "SEQSERVE_TARGET"})
 LOG_FORMATS = ("json", "text")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
@@ -169,7 +172,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
 def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
     values = {}
     for key, text in env.items():
-        if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX + "CONFIG":
+        if not key.startswith(ENV_PREFIX) or key in FOREIGN_ENV:
             continue
         name = key[len(ENV_PREFIX):].lower()
         if name not in _FIELDS:

@@ -77,3 +77,10 @@ def test_session_options_reach_onnxruntime_form():
 
     options = ServerConfig(intra_op_threads=1, graph_optimization_level="basic").session_options
     assert make_session_options(options).intra_op_num_threads == 1
+
+
+def test_the_clients_environment_does_not_stop_the_server():
+    from server.config import load_config
+
+    config = load_config(env={"SEQSERVE_TARGET": "h:1", "SEQSERVE_PORT": "50052"})
+    assert config.port == 50052
