@@ -87,7 +87,7 @@ class Metrics:
         return ModelMetrics(self, model)
 
 
-SESSION_EVICTION_REASONS = ("expired", "evicted")
+SESSION_EVICTION_REASONS = ("expired", "evicted", "model_removed")
 
 
 class ModelMetrics:
