@@ -105,7 +105,10 @@ class ModelMetrics:
         self.active_rows = metrics.active_rows.labels(model=model)
         self.model_load_duration_seconds = metrics.model_load_duration_seconds.labels(model=model)
         self._finished: dict[str, object] = {}
-        # Session series exist from the model's load on, so dashboards show 0 rather than "no data".
+        # Series that appear only on some traffic (a second chunk, a session) exist from the model's load
+        # on, so dashboards show 0 rather than "no data" and a first scrape already lists every metric.
+        metrics.time_to_first_token_seconds.labels(model=model)
+        metrics.inter_token_latency_seconds.labels(model=model)
         metrics.sessions_active.labels(model=model)
         metrics.session_state_bytes.labels(model=model)
         for reason in SESSION_EVICTION_REASONS:
