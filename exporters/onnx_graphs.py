@@ -25,7 +25,7 @@ from torch import nn
 
 from exporters import ExportError
 from seqserve.v1.manifest_pb2 import Graph, TensorSpec
-from training.models.rnn import num_state_tensors, run_rnn
+from training.models.rnn import num_state_tensors
 
 OPSET = 17
 ONNX_RECURRENT_OPS = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN"}
@@ -108,11 +108,8 @@ def _lm_interface(model) -> tuple[list[str], list[TensorSpec], list[TensorSpec],
 
 
 def _lm_state_flat(model, tokens, lengths, *state):
-    """The state half of `LanguageModel.logits` (embedding -> recurrent layers), flat; dropout is off
-    in eval mode. The parity check compares its states with the model's own forward."""
-    x = model.dropout(model.embedding(tokens))
-    _, new_state = run_rnn(model.rnn, model.args.cell, x, lengths, tuple(state))
-    return tuple(new_state)
+    """`LanguageModel.recur` with flat state, keeping only the state (no projection)."""
+    return tuple(model.recur(tokens, lengths, tuple(state))[1])
 
 
 def decoder_state(args) -> list[tuple[str, tuple]]:

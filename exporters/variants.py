@@ -8,11 +8,9 @@ keeps its state buffers in one dtype; only the arithmetic inside the graph chang
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import onnx
-import torch
 
 from exporters import ExportError
 from exporters.onnx_graphs import graph_interface
@@ -130,38 +128,11 @@ def sort_nodes_topologically(graph: onnx.GraphProto) -> None:
 
 # --- quality ------------------------------------------------------------------------------------------
 
-@torch.no_grad()
 def evaluation_figures(model, tokenizers, kind: str, task: str, path: str | Path, limit: int = 0) -> dict:
-    """The figures of `seqserve eval` on a split file, for any model with the PyTorch interface.
+    """The figures of `seqserve eval` (greedy) on a split file, for PyTorch or ONNX Runtime models alike."""
+    from training.evaluate import evaluate_model
 
-    LM: perplexity and bits per character/token over the documents; seq2seq: perplexity plus greedy
-    BLEU, chrF (and WER/PER for g2p) from `training.evaluate`. `limit` keeps the first N documents or
-    sources (0 = all).
-    """
-    from training.data.files import read_documents, read_pairs
-    from training.evaluate import decode_and_score, group_references, lm_nll, seq2seq_nll
-    from training.prepare import encode_pairs
-
-    cpu = torch.device("cpu")
-    model.eval()
-    if kind == "lm":
-        docs = read_documents(path)
-        docs = docs[:limit] if limit else docs
-        nll, n = lm_nll(model, [e.ids for e in tokenizers["text"].encode_batch(docs)], cpu)
-        n = max(n, 1)
-        chars = sum(len(d) for d in docs) + len(docs)  # every character plus one end-of-document each
-        return {"tokens": n, "nll_per_token": nll / n, "perplexity": math.exp(nll / n),
-                "bits_per_token": nll / n / math.log(2), "characters": chars,
-                "bits_per_character": nll / chars / math.log(2)}
-    pairs = read_pairs(path)
-    if limit:
-        keep = set(list(group_references(pairs))[:limit])
-        pairs = [p for p in pairs if p[0] in keep]
-    nll, n = seq2seq_nll(model, encode_pairs(pairs, tokenizers["source"], tokenizers["target"]), cpu)
-    n = max(n, 1)
-    figures = {"nll_per_token": nll / n, "perplexity": math.exp(min(nll / n, 50.0))}
-    figures.update(decode_and_score(model, tokenizers, pairs, task, cpu))
-    return figures
+    return evaluate_model(model, tokenizers, kind, task, str(path), limit)
 
 
 def quality_delta(variant_figures: dict, fp32_figures: dict) -> dict[str, float]:

@@ -106,12 +106,41 @@ def decode_and_score(model, tokenizers, pairs: list[tuple[str, str]], task: str,
     return result
 
 
+@torch.no_grad()
+def evaluate_model(model, tokenizers, kind: str, task: str, path: str, limit: int = 0, beam_size: int = 1,
+                   length_penalty: float = 0.0, device: str | torch.device = "cpu") -> dict:
+    """The figures of `seqserve eval` on one split file, for any model with the PyTorch interface
+    (the exporters pass ONNX Runtime-backed ones). `limit` keeps the first N documents or sources."""
+    from training.data.files import read_documents, read_pairs
+    from training.prepare import encode_pairs
+
+    device = torch.device(device)
+    model.eval()
+    if kind == "lm":
+        docs = read_documents(path)
+        docs = docs[:limit] if limit else docs
+        nll, n = lm_nll(model, [e.ids for e in tokenizers["text"].encode_batch(docs)], device)
+        n = max(n, 1)
+        chars = sum(len(d) for d in docs) + len(docs)  # every character plus one end-of-document each
+        return {"tokens": n, "nll_per_token": nll / n, "perplexity": math.exp(nll / n),
+                "bits_per_token": nll / n / math.log(2), "characters": chars,
+                "bits_per_character": nll / chars / math.log(2)}
+    pairs = read_pairs(path)
+    if limit:
+        keep = set(list(group_references(pairs))[:limit])
+        pairs = [p for p in pairs if p[0] in keep]
+    nll, n = seq2seq_nll(model, encode_pairs(pairs, tokenizers["source"], tokenizers["target"]), device)
+    n = max(n, 1)
+    figures = {"nll_per_token": nll / n, "perplexity": math.exp(min(nll / n, 50.0))}
+    figures.update(decode_and_score(model, tokenizers, pairs, task, device, beam_size=beam_size,
+                                    length_penalty=length_penalty))
+    return figures
+
+
 def evaluate_checkpoint(payload: dict, split: str = "test", beam_size: int = 1, length_penalty: float = 0.0,
                         limit: int = 0, device: str = "cpu") -> dict:
     """The figures `seqserve eval RUN` prints, measured on the run's own split files."""
     from training.checkpoint import config_from_checkpoint, model_from_checkpoint, tokenizers_from_checkpoint
-    from training.data.files import read_documents, read_pairs
-    from training.prepare import encode_pairs
 
     cfg = config_from_checkpoint(payload)
     path = getattr(cfg, split)
@@ -119,30 +148,13 @@ def evaluate_checkpoint(payload: dict, split: str = "test", beam_size: int = 1, 
         raise ValueError(f"the run's config names no {split!r} file")
     dev = torch.device(device)
     model = model_from_checkpoint(payload).to(dev)
-    tokenizers = tokenizers_from_checkpoint(payload)
     result: dict = {"split": split, "file": path}
-    if cfg.kind == "lm":
-        docs = read_documents(path)
-        docs = docs[:limit] if limit else docs
-        tok = tokenizers["text"]
-        ids = [e.ids for e in tok.encode_batch(docs)]
-        nll, n = lm_nll(model, ids, dev)
-        chars = sum(len(d) for d in docs) + len(docs)  # every character plus one end-of-document each
-        result.update(tokens=n, nll_per_token=nll / n, perplexity=math.exp(nll / n),
-                      bits_per_token=nll / n / math.log(2), characters=chars,
-                      bits_per_character=nll / chars / math.log(2))
-        return result
-    pairs = read_pairs(path)
-    if limit:
-        keep = list(group_references(pairs))[:limit]
-        keep_set = set(keep)
-        pairs = [p for p in pairs if p[0] in keep_set]
-    nll, n = seq2seq_nll(model, encode_pairs(pairs, tokenizers["source"], tokenizers["target"]), dev)
-    result.update(nll_per_token=nll / max(n, 1), perplexity=math.exp(nll / max(n, 1)))
-    result.update(decode_and_score(model, tokenizers, pairs, cfg.task, dev, beam_size=beam_size,
-                                   length_penalty=length_penalty))
-    result["beam_size"] = beam_size
+    result.update(evaluate_model(model, tokenizers_from_checkpoint(payload), cfg.kind, cfg.task, path, limit,
+                                 beam_size, length_penalty, dev))
+    if cfg.kind == "seq2seq":
+        result["beam_size"] = beam_size
     return result
 
 
-__all__ = ["lm_nll", "seq2seq_nll", "translate", "score", "decode_and_score", "evaluate_checkpoint", "EOS"]
+__all__ = ["lm_nll", "seq2seq_nll", "translate", "score", "decode_and_score", "evaluate_model",
+           "evaluate_checkpoint", "EOS"]

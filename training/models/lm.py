@@ -45,9 +45,13 @@ class LanguageModel(nn.Module):
     def initial_state(self, batch: int, device=None) -> State:
         return zero_state(self.args.cell, batch, self.args.num_layers, self.args.hidden_size, device)
 
-    def logits(self, tokens: torch.Tensor, lengths: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+    def recur(self, tokens: torch.Tensor, lengths: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """Embedding -> recurrent layers: (top-layer outputs [B,T,H], state). The prefill graph is this alone."""
         x = self.dropout(self.embedding(tokens))
-        out, state = run_rnn(self.rnn, self.args.cell, x, lengths, state)
+        return run_rnn(self.rnn, self.args.cell, x, lengths, state)
+
+    def logits(self, tokens: torch.Tensor, lengths: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        out, state = self.recur(tokens, lengths, state)
         out = self.dropout(out)
         if self.bottleneck is not None:
             out = self.bottleneck(out)
