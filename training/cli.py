@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from training.config import _coerce, load_config
+from training.config import load_config, parse_overrides
 
 
 def train_main(argv: list[str]) -> int:
@@ -28,11 +28,7 @@ def train_main(argv: list[str]) -> int:
         sets.append(f"device={args.device}")
     if args.resume:
         # The run's saved config wins; only what is given on the command line changes.
-        overrides = {}
-        for item in sets:
-            key, value = item.split("=", 1)
-            overrides[key.strip()] = _coerce(key.strip(), value.strip())
-        summary = train(None, args.out, resume=True, overrides=overrides)
+        summary = train(None, args.out, resume=True, overrides=parse_overrides(sets))
     else:
         cfg = load_config(args.kind, args.config, sets)
         summary = train(cfg, args.out)

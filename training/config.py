@@ -119,13 +119,20 @@ def load_config(kind: str, path: str | Path | None = None, overrides: list[str] 
                 values.update(value)
             else:
                 values[key] = value
-    for item in overrides:
+    values = {k: _coerce(k, v) for k, v in values.items()}
+    values.update(parse_overrides(overrides))
+    return TrainConfig(**values)
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """`key=value` strings (from --set) -> typed values, checked against the config's fields."""
+    values = {}
+    for item in items:
         if "=" not in item:
             raise ValueError(f"--set takes key=value, got {item!r}")
         key, value = item.split("=", 1)
-        values[key.strip()] = value.strip()
-    values = {k: _coerce(k, v) for k, v in values.items()}
-    return TrainConfig(**values)
+        values[key.strip()] = _coerce(key.strip(), value.strip())
+    return values
 
 
 def config_from_dict(data: dict) -> TrainConfig:
@@ -133,4 +140,4 @@ def config_from_dict(data: dict) -> TrainConfig:
     return TrainConfig(**known)
 
 
-__all__ = ["TrainConfig", "load_config", "config_from_dict"]
+__all__ = ["TrainConfig", "load_config", "parse_overrides", "config_from_dict"]
