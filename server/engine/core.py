@@ -1,8 +1,15 @@
-"""One engine step, synchronous, run by the engine's worker thread: drop, admit, run, choose, stop, emit.
+"""One engine step, synchronous, run by the engine's worker thread, in two phases.
 
-Every active row advances in one decode call. Newly admitted requests are prefilled (LM) or encoded
-(seq2seq) together in one call first, then join the batch. The per-step work on rows is a handful of
-numpy calls whatever their number; Python loops run per request only, to turn tokens into events.
+`admit`: rows of cancelled or expired requests leave; newly admitted requests are prefilled (LM) or
+encoded (seq2seq) together in one call, and the greedy and sampling ones among them choose their first
+token at once, in one decode call of their own rows (a few, so a fraction of a full step): their first
+token goes out before the step of everyone else, not after it (time to first token). Beam requests
+join as they are and start with the next step.
+
+`decode`: every active row advances in one decode call; choose, stop, emit.
+
+The per-step work on rows is a handful of numpy calls whatever their number; Python loops run per
+request only, to turn tokens into events.
 """
 
 from __future__ import annotations
@@ -58,13 +65,19 @@ class EngineCore:
         self.beams: dict[int, BeamSearch] = {}
         self.tracked: dict[int, Tracked] = {}
 
-    def step(self, plan: Plan) -> StepResult:
+    def admit(self, plan: Plan) -> StepResult:
+        """Rows leave and join; the joining greedy/sampling requests choose their first token."""
         result = StepResult()
         dropped = plan.dropped_slots()
         if dropped:
             self._drop(dropped, result)
         if plan.admit:
             self._admit(plan.admit, result)
+        return result
+
+    def decode(self) -> StepResult:
+        """One token for every row in the batch (nothing if it is empty)."""
+        result = StepResult()
         if len(self.batch) == 0:
             return result
         started = time.perf_counter()
@@ -129,21 +142,31 @@ class EngineCore:
             mask=None if mask is None else np.repeat(mask, repeats, axis=0),
         )
         histories = [self._history(e) for e in requests]
+        for entry, history in zip(requests, histories, strict=True):
+            self.tracked[entry.slot] = self._track(entry, history)
+        joining = [self.batch]
         chosen = [i for i, g in enumerate(groups) if g == CHOOSER_GROUP]
         if chosen:
             rows = RowParams.concatenate([RowParams.from_params(requests[i].params) for i in chosen])
             part = ChooserRows.start(rows, [histories[i] for i in chosen], self.vocab_size)
+            first = arrivals.filter(arrivals.groups == CHOOSER_GROUP)  # one row per request
+            log_probs, state, attention = self.runner.decode(first)
+            part, keep, tokens = self._choose(part, first.owners, np.arange(len(first)), log_probs, state,
+                                              attention, result)
             self.choosers = ChooserRows.concatenate([self.choosers, part])
-        for size in sorted({g for g in groups if g != CHOOSER_GROUP}):
-            joining = [i for i, g in enumerate(groups) if g == size]
+            kept = np.flatnonzero(keep)
+            joining.append(first.advance(state, kept, tokens[kept]))
+        beam_sizes = sorted({g for g in groups if g != CHOOSER_GROUP})
+        for size in beam_sizes:
+            members = [i for i, g in enumerate(groups) if g == size]
             beam = self.beams.get(size)
             if beam is None:
                 beam = self.beams[size] = BeamSearch(size, self.vocab_size, self.eos_id)
-            beam.join([requests[i].slot for i in joining], [requests[i].params for i in joining],
-                      [histories[i] for i in joining] if self.is_lm else None)
-        self.batch = DecodeBatch.concatenate([self.batch, arrivals])
-        for entry, history in zip(requests, histories, strict=True):
-            self.tracked[entry.slot] = self._track(entry, history)
+            beam.join([requests[i].slot for i in members], [requests[i].params for i in members],
+                      [histories[i] for i in members] if self.is_lm else None)
+        if beam_sizes:
+            joining.append(arrivals.filter(arrivals.groups != CHOOSER_GROUP))
+        self.batch = DecodeBatch.concatenate(joining)
 
     def _prefill(self, requests: list[Entry], feeds: list[Entry], result: StepResult) -> State:
         """Prefill every admitted prompt (all but its last token) and every feed in one call; return the
@@ -202,7 +225,8 @@ class EngineCore:
         index_parts, token_parts, memory_parts = [], [], []
         chooser_rows = np.flatnonzero(batch.groups == CHOOSER_GROUP)
         if chooser_rows.size:
-            keep, tokens = self._choose(chooser_rows, log_probs, state, attention, result)
+            self.choosers, keep, tokens = self._choose(self.choosers, batch.owners[chooser_rows], chooser_rows,
+                                                       log_probs, state, attention, result)
             index_parts.append(chooser_rows[keep])
             memory_parts.append(chooser_rows[keep])
             token_parts.append(tokens[keep])
@@ -218,20 +242,21 @@ class EngineCore:
         self.batch = batch.advance(state, np.concatenate(index_parts), np.concatenate(token_parts),
                                    np.concatenate(memory_parts))
 
-    def _choose(self, rows: np.ndarray, log_probs: np.ndarray, state: State, attention: np.ndarray | None,
-                result: StepResult) -> tuple[np.ndarray, np.ndarray]:
-        choosers = self.choosers
-        choice = self.chooser.choose(take_rows(log_probs, rows), choosers.rows, choosers.history,
-                                     choosers.generated)
+    def _choose(self, choosers: ChooserRows, owners: np.ndarray, rows: np.ndarray, log_probs: np.ndarray,
+                state: State, attention: np.ndarray | None, result: StepResult
+                ) -> tuple[ChooserRows, np.ndarray, np.ndarray]:
+        """Greedy/sampling rows choose a token each. `rows` (ascending) index their log-probs, state (after
+        the step) and attention in the step's arrays, in the order of `choosers` and `owners`. Returns the
+        choosers of the rows that go on, which rows go on (bool [N]), and every row's token."""
+        choice = self.chooser.choose(take_rows(log_probs, rows), choosers.rows, choosers.history, choosers.generated)
         tokens = choice.tokens
         is_eos = tokens == self.eos_id
         at_limit = choosers.generated + 1 >= choosers.rows.max_new_tokens
         result.generated_tokens += int((~is_eos).sum())
-        keep = np.ones(len(rows), dtype=bool)
-        owners = self.batch.owners[rows].tolist()
+        keep = np.ones(len(tokens), dtype=bool)
         chosen, scores = tokens.tolist(), choice.log_probs.tolist()
         eos_list, limit_list = is_eos.tolist(), at_limit.tolist()
-        for i, slot in enumerate(owners):  # per request: text, stop strings, events
+        for i, slot in enumerate(owners.tolist()):  # per request: text, stop strings, events
             tracked = self.tracked[slot]
             if tracked.attention is not None:
                 tracked.attention.append(attention[rows[i], : tracked.source_length].copy())
@@ -248,8 +273,7 @@ class EngineCore:
                 result.finished.append((tracked.entry, reason.value))
                 del self.tracked[slot]
         choosers.advance(tokens)
-        self.choosers = choosers.filter(keep) if not keep.all() else choosers
-        return keep, tokens
+        return (choosers.filter(keep) if not keep.all() else choosers), keep, tokens
 
     def _emit_beams(self, group: BeamGroupStep, result: StepResult) -> None:
         for slot, hypotheses in group.done.items():  # per finished request

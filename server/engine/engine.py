@@ -11,9 +11,11 @@ translations) and `feed` (sessions), validated once, here.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -176,26 +178,36 @@ class ModelEngine:
                     return
                 plan = self._scheduler.plan(time.monotonic())
             self._count_plan(plan)
-            try:
-                result = self._core.step(plan)
-            except Exception as error:  # a failed graph call must not end the loop
-                logger.exception("%s v%d: a step failed; failing its requests", self.name, self.version)
-                self._core.reset()
-                with self._lock:
-                    failed = [e for e in list(self._scheduler.active.values()) if self._scheduler.finish(e.slot)]
-                self._metrics.active_rows.dec(sum(e.rows for e in failed))
-                failure = SeqserveError(f"internal error while decoding: {error}")
-                if not self._post(plan, StepResult(), failed, failure):
-                    return
-                continue
-            with self._lock:  # free the rows now, so the next plan can use them
-                for entry, _ in result.finished:
-                    self._scheduler.finish(entry.slot)
-                for entry, _, _ in result.feeds:
-                    self._scheduler.finish(entry.slot)
-            self._count_step(result)
-            if not self._post(plan, result, [], None):
+            # Two phases, each handed to the event loop as soon as it is done: rows leaving and joining
+            # (with the first tokens of the requests that joined), then the step of every row.
+            outcome = self._run_phase(functools.partial(self._core.admit, plan), plan)
+            if outcome == _OK:
+                outcome = self._run_phase(self._core.decode, _NOTHING_PLANNED)
+            if outcome == _LOOP_GONE:
                 return
+
+    def _run_phase(self, phase: Callable[[], StepResult], plan: Plan) -> str:
+        """Run one phase of a step and post its outcome (with what `plan` ended): _OK, _FAILED (its
+        requests were failed) or _LOOP_GONE (nobody is left to serve)."""
+        try:
+            result = phase()
+        except Exception as error:  # a failed graph call must not end the loop
+            logger.exception("%s v%d: a step failed; failing its requests", self.name, self.version)
+            self._core.reset()
+            with self._lock:
+                failed = [e for e in list(self._scheduler.active.values()) if self._scheduler.finish(e.slot)]
+            self._metrics.active_rows.dec(sum(e.rows for e in failed))
+            failure = SeqserveError(f"internal error while decoding: {error}")
+            return _FAILED if self._post(plan, StepResult(), failed, failure) else _LOOP_GONE
+        with self._lock:  # free the rows now, so the next plan can use them
+            for entry, _ in result.finished:
+                self._scheduler.finish(entry.slot)
+            for entry, _, _ in result.feeds:
+                self._scheduler.finish(entry.slot)
+        self._count_step(result)
+        if not (result.events or result.feeds or result.dropped or plan.drop or plan.expired or plan.withdrawn):
+            return _OK  # nothing to deliver: spare the event loop a wake-up
+        return _OK if self._post(plan, result, [], None) else _LOOP_GONE
 
     def _post(self, plan: Plan, result: StepResult, failed: list[Entry], failure: SeqserveError | None) -> bool:
         """Hand a step's outcome to the asyncio loop; False if that loop is gone (nobody to serve)."""
@@ -275,6 +287,10 @@ class ModelEngine:
             entry.stream.fail(outcome)
         else:
             entry.stream.put(outcome if outcome is not None else _cancelled_event(entry))
+
+
+_NOTHING_PLANNED = Plan()  # the decode phase's: what the step's plan ended went out with its admit phase
+_OK, _FAILED, _LOOP_GONE = "ok", "failed", "loop gone"
 
 
 def _cancelled_event(entry: Entry) -> FinishEvent:

@@ -22,6 +22,10 @@ from server.engine import (
     TokenEvent,
     TranslationRequest,
 )
+from server.engine.core import EngineCore
+from server.engine.runner import Runner
+from server.engine.scheduler import Entry, Plan
+from server.engine.validation import validate_request
 from server.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -285,3 +289,39 @@ def test_stop_drains_in_flight_requests_then_refuses(lm):
             await endless.result()
 
     asyncio.run(go())
+
+
+def test_joining_requests_get_their_first_token_before_the_step_of_everyone_else(lm):
+    """`EngineCore.admit` prefills the joining requests and gives the greedy/sampling ones their first
+    token at once (the engine posts it before the next full step); beam requests start at that step;
+    a request whose first token ends it never takes a row."""
+    _, bundle = lm
+    config = EngineConfig()
+    core = EngineCore(bundle, Runner(bundle))
+    ids = prompt(bundle, "the cat")
+
+    def entry(slot, params):
+        request = GenerationRequest(f"r{slot}", ids, params)
+        params, rows, input_tokens = validate_request(request, bundle, config)
+        return Entry(slot=slot, request=request, params=params, rows=rows, input_tokens=input_tokens,
+                     enqueued_at=0.0)
+
+    running = entry(0, LONG)
+    core.admit(Plan(admit=[running]))
+    core.decode()  # `running` has two tokens now and sits in the batch
+    joining = [entry(1, DecodingParams(max_new_tokens=8)), entry(2, DecodingParams(strategy="beam", beam_size=3)),
+               entry(3, DecodingParams(max_new_tokens=1))]
+    admitted = core.admit(Plan(admit=joining))
+    firsts = {e.slot: ev for e, ev in admitted.events if isinstance(ev, TokenEvent)}
+    assert set(firsts) == {1, 3}  # greedy ones: a token each; beam: nothing yet; `running`: not stepped
+    assert [(e.slot, reason) for e, reason in admitted.finished] == [(3, "length")]
+    assert admitted.rows == 0 and admitted.generated_tokens == 2
+    assert sorted(core.batch.owners.tolist()) == [0, 1, 2, 2, 2]
+    stepped = core.decode()
+    assert {e.slot for e, ev in stepped.events if isinstance(ev, TokenEvent)} == {0, 1}
+    assert stepped.rows == 5
+
+    # The first token is the one the reference greedy decoder picks: the same as joining an empty batch.
+    alone = EngineCore(bundle, Runner(bundle))
+    (_, event), = alone.admit(Plan(admit=[entry(1, DecodingParams(max_new_tokens=8))])).events
+    assert event.token_ids == firsts[1].token_ids
