@@ -216,11 +216,15 @@ async def run_load(target: str, spec: LoadSpec) -> LoadReport:
 
 
 async def wait_ready(target: str, model: str, timeout: float = 120.0) -> None:
-    """Until one tiny Generate succeeds (the server is up and the model loaded)."""
+    """Until one tiny Generate succeeds (the server is up and the model loaded).
+
+    A fresh channel per try: a channel that found nobody listening backs off its reconnects (up to
+    minutes), which would outlast a server that is merely slow to start on a busy machine.
+    """
     deadline = time.monotonic() + timeout
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = pb_grpc.SeqserveStub(channel)
-        while True:
+    while True:
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = pb_grpc.SeqserveStub(channel)
             try:
                 call = stub.Generate(pb.GenerateRequest(model=model, options=pb.DecodingOptions(max_new_tokens=1)),
                                      timeout=10)
@@ -231,7 +235,7 @@ async def wait_ready(target: str, model: str, timeout: float = 120.0) -> None:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{target} not ready for {model}: {error.code().name} "
                                        f"{error.details()}") from error
-                await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)
 
 
 def word_prompts(words: Sequence[str], tokens: int, count: int = 64, seed: int = 0) -> tuple[str, ...]:

@@ -65,7 +65,8 @@ async def measure(server: ServerProcess, spec: LoadSpec) -> tuple[dict, dict, li
             step_ms=1000 * d["seqserve_decode_step_duration_seconds_sum"] / steps if steps else float("nan"),
             wall_per_step_ms=1000 * report.seconds / steps if steps else float("nan"),
             server_ttft_ms=1000 * d["seqserve_time_to_first_token_seconds_sum"]
-            / max(d["seqserve_time_to_first_token_seconds_count"], 1))
+            / max(d["seqserve_time_to_first_token_seconds_count"], 1),
+            queue_wait_ms=1000 * d["seqserve_queue_wait_seconds_sum"] / max(d["seqserve_queue_wait_seconds_count"], 1))
     notes = report.notes + ([f"{row['errors']} errors, first: {report.first_error()}"] if row["errors"] else [])
     return row, extra, notes
 
@@ -199,7 +200,8 @@ async def ttft_check(args, bundle, server: ServerProcess, prompts, bare: BareSte
     result = {**row, **extra, "notes": notes}
     log(f"{bundle.name} TTFT check, {concurrency} staggered streams: TTFT p50 {row['ttft_p50_ms']:.1f} ms, "
         f"step {extra['step_ms']:.2f} ms (bare {extra['bare_ms']:.2f} ms) at {extra['mean_rows']:.1f} rows, "
-        f"ratio {row['ttft_p50_ms'] / extra['step_ms']:.1f}; server-side TTFT mean {extra['server_ttft_ms']:.1f} ms")
+        f"ratio {row['ttft_p50_ms'] / extra['step_ms']:.1f}; server-side TTFT mean {extra['server_ttft_ms']:.1f} ms, "
+        f"of which waiting for admission (queue wait mean) {extra['queue_wait_ms']:.1f} ms")
     return result
 
 
