@@ -220,6 +220,32 @@ class BareStep:
         return statistics.median(times)
 
 
+def bare_decoder_step(bundle_dir: str | Path, sources: list[str], repeat: int = 1, budget: float = 1.0,
+                      session_options: dict | None = None) -> float:
+    """Median seconds of one bare seq2seq decoder-step call for `sources` (encoded through the bundle's
+    own tokenizer and encoder), each source's row repeated `repeat` times as beam search holds them."""
+    from server.bundle import load_bundle
+    from server.engine.batch import DecodeBatch
+    from server.engine.runner import Runner
+
+    bundle = load_bundle(bundle_dir, session_options=session_options)
+    runner = Runner(bundle)
+    tokenizer = bundle.tokenizer("source")
+    memory, mask, state = runner.encode([tokenizer.encode(s).ids for s in sources])
+    rows = len(sources) * repeat
+    batch = DecodeBatch(tuple(np.repeat(s, repeat, axis=0) for s in state),
+                        np.full(rows, bundle.manifest.special_tokens.bos_id, dtype=np.int64),
+                        np.arange(rows, dtype=np.int64), np.zeros(rows, dtype=np.int64),
+                        np.repeat(memory, repeat, axis=0), np.repeat(mask, repeat, axis=0))
+    runner.decode(batch)
+    times, end = [], time.perf_counter() + budget
+    while time.perf_counter() < end or len(times) < 5:
+        started = time.perf_counter()
+        runner.decode(batch)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
 def ort_bare_step(bundle_dir: str | Path, batches: list[int], seconds: float = 1.0,
                   session_options: dict | None = None) -> dict[int, float]:
     """Median seconds of one bare batched decode call per batch size."""

@@ -98,3 +98,17 @@ def test_sessions_are_skipped_with_a_note_when_not_served(seqserve_server, tiny_
 
     note = asyncio.run(scenario())
     assert note == "" or note.startswith("sessions skipped:")
+
+
+def test_bare_decoder_step_times_beam_rows_of_real_sources(tiny_runs, tmp_path):
+    """The beam check's floor: one bare decoder call on every source's row repeated beam_size times."""
+    from bench.baselines import bare_decoder_step
+    from exporters.bundle import ExportOptions, export_run
+    from exporters.parity import ParitySettings
+
+    options = ExportOptions(eval_limit=5, real_inputs=20,
+                            parity=ParitySettings(greedy_inputs=2, beam_inputs=1, max_new_tokens=5))
+    bundle = export_run(tiny_runs["lstm", "seq2seq"], tmp_path, "tiny-g2p", options=options).path
+    one = bare_decoder_step(bundle, ["abc", "de"], 1, budget=0.05)
+    five = bare_decoder_step(bundle, ["abc", "de"], 5, budget=0.05)
+    assert 0 < one < 1 and 0 < five < 1
