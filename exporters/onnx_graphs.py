@@ -1,8 +1,9 @@
 """PyTorch models -> ONNX graphs whose recurrent state is an explicit input and output.
 
 LM: `step.onnx` (tokens[B,T], lengths[B], h[, c]) -> (log_probs[B,T,V], h_out[, c_out]), for decoding
-and prefill that wants log-probs, and `prefill.onnx` with the same inputs -> (h_out[, c_out]) only: prefill
-of a prompt needs just the state, and the vocabulary projection + log-softmax it skips are most of an LM
+and prefill that wants every position's log-probs, and `prefill.onnx` with the same inputs ->
+(h_out[, c_out], last_log_probs[B,V]): prefill of a prompt needs the state and the next token's
+log-probs only, and the vocabulary projection + log-softmax of every other position are most of an LM
 step's FLOPs. seq2seq: `encoder.onnx` (src[B,S], src_lengths[B]) -> (memory, mask, h_out[, c_out],
 input_feed_out) and `decoder_step.onnx` (prev_token[B], h[, c], input_feed, memory, mask) ->
 (log_probs[B,V], h_out[, c_out], input_feed_out, attention[B,S]).
@@ -25,9 +26,12 @@ from torch import nn
 
 from exporters import ExportError
 from seqserve.v1.manifest_pb2 import Graph, TensorSpec
+from server.bundle.manifest import LAST_LOG_PROBS  # the prefill graph's output after its state outputs
 from training.models.rnn import num_state_tensors
 
 OPSET = 17
+# Bumped when the graphs exported for a model change (2: the LM's prefill.onnx returns last_log_probs).
+GRAPH_FORMAT = 2
 ONNX_RECURRENT_OPS = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN"}
 # Ops that would mean a recurrence was unrolled or looped instead of mapped to one ONNX RNN op.
 _LOOP_OPS = frozenset({"Loop", "Scan", "If"})
@@ -87,10 +91,13 @@ def export_lm(model, directory: Path, opset: int = OPSET) -> Graph:
 
 
 def export_lm_prefill(model, directory: Path, opset: int = OPSET) -> Graph:
-    """`prefill.onnx`: step's inputs, only its state outputs (no vocabulary projection, no softmax)."""
+    """`prefill.onnx`: step's inputs -> step's state outputs, then `last_log_probs` [B, V], the log-probs
+    after each row's last token (row b's position lengths[b] - 1): the vocabulary projection and softmax
+    run once per row, not once per position."""
     names, inputs, state_outputs, example = _lm_interface(model)
-    module = _Flat(model, _lm_state_flat)
-    return _export(module, example, directory, "prefill", inputs, state_outputs, names, opset)
+    outputs = [*state_outputs, spec(LAST_LOG_PROBS, "float32", BATCH, model.args.vocab_size)]
+    module = _Flat(model, _lm_prefill_flat)
+    return _export(module, example, directory, "prefill", inputs, outputs, names, opset)
 
 
 def _lm_interface(model) -> tuple[list[str], list[TensorSpec], list[TensorSpec], tuple]:
@@ -107,9 +114,12 @@ def _lm_interface(model) -> tuple[list[str], list[TensorSpec], list[TensorSpec],
     return names, inputs, state_outputs, (tokens, lengths, *model.initial_state(batch))
 
 
-def _lm_state_flat(model, tokens, lengths, *state):
-    """`LanguageModel.recur` with flat state, keeping only the state (no projection)."""
-    return tuple(model.recur(tokens, lengths, tuple(state))[1])
+def _lm_prefill_flat(model, tokens, lengths, *state):
+    """`LanguageModel.recur` with flat state -> (*state, log-probs of each row's last position)."""
+    out, new_state = model.recur(tokens, lengths, tuple(state))
+    last = (lengths - 1)[:, None, None].expand(-1, 1, out.shape[2])
+    log_probs = torch.log_softmax(model.project(out.gather(1, last)[:, 0]), dim=-1)
+    return (*new_state, log_probs)
 
 
 def decoder_state(args) -> list[tuple[str, tuple]]:

@@ -96,7 +96,7 @@ class GraphRunner:
 class OrtLanguageModel:
     """An LM's step graph behind LanguageModel's interface (call, logits, initial_state, step_fn, prefill).
 
-    `state_only`, the bundle's state-only prefill graph when it has one, is checked by the tensor grid.
+    `prefill_graph`, the bundle's prefill graph when it has one, is checked by the tensor grid.
     """
 
     kind = "lm"
@@ -104,9 +104,9 @@ class OrtLanguageModel:
     step_fn = LanguageModel.step_fn
     prefill = LanguageModel.prefill
 
-    def __init__(self, step: GraphRunner, state_only: GraphRunner | None = None):
+    def __init__(self, step: GraphRunner, prefill_graph: GraphRunner | None = None):
         self.step = step
-        self.state_only = state_only
+        self.prefill_graph = prefill_graph
         state_specs = {t.name: t for t in step.spec.inputs}
         self.state_shapes = [tuple(int(d) for d in state_specs[n].shape[1:]) for n in step.spec.state_inputs]
 
@@ -212,10 +212,15 @@ def _lm_case(model, ort_model, tokens, lengths, state_in) -> tuple[float, float]
     # Positions past a row's length are padding: their outputs mean nothing and are not compared.
     valid = torch.arange(tokens.shape[1])[None, :] < lengths[:, None]
     state = max(_max_diff(r, g) for r, g in zip(ref[1:], got[1:], strict=True))
-    if ort_model.state_only is not None:  # the prefill graph's states count as states too
-        prefilled = ort_model.state_only(tokens, lengths, *state_in)
-        state = max(state, *(_max_diff(r, g) for r, g in zip(ref[1:], prefilled, strict=True)))
-    return _max_diff(ref[0], got[0], valid), state
+    log_probs = _max_diff(ref[0], got[0], valid)
+    if ort_model.prefill_graph is not None:  # the prefill graph's outputs count too
+        prefilled = ort_model.prefill_graph(tokens, lengths, *state_in)
+        states = len(ref) - 1
+        state = max(state, *(_max_diff(r, g) for r, g in zip(ref[1:], prefilled[:states], strict=True)))
+        if len(prefilled) > states:  # last_log_probs: after each row's last token
+            last = ref[0][torch.arange(len(lengths)), lengths - 1]
+            log_probs = max(log_probs, _max_diff(last, prefilled[states]))
+    return log_probs, state
 
 
 def _seq2seq_case(model, ort_model, src, src_lengths, next_tokens) -> tuple[float, float]:

@@ -29,13 +29,15 @@ DTYPES = ("float32", "float16", "float64", "int64", "int32", "int8", "uint8", "b
 # Graph roles whose state goes in and comes back out, step after step; the encoder only makes the
 # decoder's initial state.
 RECURRENT_ROLES = frozenset({"step", "decoder_step", "prefill"})
+LAST_LOG_PROBS = "last_log_probs"
 # The roles every variant of a kind must have.
 GRAPH_ROLES_BY_KIND = {
     ModelKind.MODEL_KIND_LM: ("step",),
     ModelKind.MODEL_KIND_SEQ2SEQ: ("encoder", "decoder_step"),
 }
-# Roles a variant may have besides: an LM's state-only `prefill` graph (step's inputs, its state outputs
-# only); bundles exported before it existed have none and the server prefills through `step`.
+# Roles a variant may have besides: an LM's `prefill` graph (step's inputs; step's state outputs, then
+# LAST_LOG_PROBS, the log-probs after each row's last token). Bundles exported before it have none and
+# the server prefills through `step`; some have one without LAST_LOG_PROBS (state only).
 OPTIONAL_GRAPH_ROLES_BY_KIND = {
     ModelKind.MODEL_KIND_LM: ("prefill",),
     ModelKind.MODEL_KIND_SEQ2SEQ: (),
@@ -312,9 +314,19 @@ class _ManifestRules:
                 self._fail(f"graphs[{index}].inputs", f"differ from the {graph.variant!r} step graph's")
             step_outputs = {t.name: t for t in step.outputs}
             expected = [step_outputs.get(name) for name in step.state_outputs]
-            if list(graph.state_outputs) != list(step.state_outputs) or list(graph.outputs) != expected:
+            outputs = list(graph.outputs)
+            if list(graph.state_outputs) != list(step.state_outputs) or outputs[: len(expected)] != expected:
                 self._fail(f"graphs[{index}].outputs",
-                           f"must be the {graph.variant!r} step graph's state outputs")
+                           f"must be the {graph.variant!r} step graph's state outputs, then optionally "
+                           f"{LAST_LOG_PROBS}")
+                continue
+            log_probs = step_outputs.get("log_probs")
+            last = [TensorSpec(name=LAST_LOG_PROBS, dtype=log_probs.dtype,
+                               shape=[log_probs.shape[0], log_probs.shape[-1]])] if log_probs is not None else []
+            if outputs[len(expected):] not in ([], last):
+                self._fail(f"graphs[{index}].outputs[{len(expected)}]",
+                           f"after the state outputs a prefill graph has only {LAST_LOG_PROBS} "
+                           f"{last[0].dtype if last else 'float32'}[batch, vocab], the step's last log-probs")
 
     def _check_graph_interface(self, where: str, graph: Graph) -> None:
         if not graph.inputs:

@@ -2,9 +2,10 @@
 
 `admit`: rows of cancelled or expired requests leave; newly admitted requests are prefilled (LM) or
 encoded (seq2seq) together in one call, and the greedy and sampling ones among them choose their first
-token at once, in one decode call of their own rows (a few, so a fraction of a full step): their first
-token goes out before the step of everyone else, not after it (time to first token). Beam requests
-join as they are and start with the next step.
+token at once: an LM's from the prefill's log-probs after the prompt, a seq2seq model's from one decoder
+step of the joining rows alone (a few rows, a fraction of a full step). Their first token goes out
+before the step of everyone else, not after it (time to first token). Beam requests join as they are
+and start with the next step.
 
 `decode`: every active row advances in one decode call; choose, stop, emit.
 
@@ -123,7 +124,7 @@ class EngineCore:
         requests = [e for e in entries if not e.is_feed]
         result.prompt_tokens += sum(e.input_tokens for e in entries)
         if self.is_lm:
-            starts = self._prefill(requests, feeds, result)
+            starts, first_log_probs = self._prefill(requests, feeds, result)
             tokens = np.array([e.request.prompt_ids[-1] for e in requests], dtype=np.int64)
             memory = mask = None
         elif requests:
@@ -150,7 +151,10 @@ class EngineCore:
             rows = RowParams.concatenate([RowParams.from_params(requests[i].params) for i in chosen])
             part = ChooserRows.start(rows, [histories[i] for i in chosen], self.vocab_size)
             first = arrivals.filter(arrivals.groups == CHOOSER_GROUP)  # one row per request
-            log_probs, state, attention = self.runner.decode(first)
+            if self.is_lm:  # prefilled through the whole prompt: the first token's log-probs are there
+                log_probs, state, attention = first_log_probs[chosen], first.state, None
+            else:  # one decoder step of the joining rows alone
+                log_probs, state, attention = self.runner.decode(first)
             part, keep, tokens = self._choose(part, first.owners, np.arange(len(first)), log_probs, state,
                                               attention, result)
             self.choosers = ChooserRows.concatenate([self.choosers, part])
@@ -168,28 +172,40 @@ class EngineCore:
             joining.append(arrivals.filter(arrivals.groups != CHOOSER_GROUP))
         self.batch = DecodeBatch.concatenate(joining)
 
-    def _prefill(self, requests: list[Entry], feeds: list[Entry], result: StepResult) -> State:
-        """Prefill every admitted prompt (all but its last token) and every feed in one call; return the
-        starting state of each request's row."""
+    def _prefill(self, requests: list[Entry], feeds: list[Entry], result: StepResult
+                 ) -> tuple[State, np.ndarray | None]:
+        """Prefill every admitted prompt and every feed in one call.
+
+        A greedy or sampling request is fed its whole prompt: its first token is chosen from the log-probs
+        after it. A beam request is fed all but its last token, which its beams start from at the next
+        step. Returns each request's starting state and the log-probs after each greedy/sampling request's
+        prompt ([requests, V]; beam requests' rows unset), or None if there are none.
+        """
         starts = [self._initial(e.request.initial_state) for e in requests]
-        jobs = [(i, e.request.prompt_ids[:-1], starts[i]) for i, e in enumerate(requests)
-                if len(e.request.prompt_ids) > 1]
+        choosing = [e.params.strategy != "beam" for e in requests]
+        jobs = [(i, e.request.prompt_ids if choose else e.request.prompt_ids[:-1], starts[i])
+                for i, (e, choose) in enumerate(zip(requests, choosing, strict=True))]
+        jobs = [job for job in jobs if len(job[1])]
         jobs += [(None, e.request.token_ids, self._initial(e.request.state)) for e in feeds]
+        first_log_probs = np.empty((len(requests), self.vocab_size), dtype=np.float32) if any(choosing) else None
         if jobs:
             state_in = tuple(np.concatenate(parts) for parts in zip(*(s for _, _, s in jobs), strict=True))
             want = any(e.request.want_log_probs for e in feeds)
-            state_out, log_probs = self.runner.prefill([seq for _, seq, _ in jobs], state_in, want)
+            state_out, log_probs, last = self.runner.prefill([seq for _, seq, _ in jobs], state_in, want,
+                                                             want_last=first_log_probs is not None)
             for row, (index, _, _) in enumerate(jobs):
                 if index is not None:
                     starts[index] = tuple(s[row : row + 1] for s in state_out)
+                    if choosing[index]:
+                        first_log_probs[index] = last[row]
             first_feed = len(jobs) - len(feeds)
             for row, entry in enumerate(feeds, start=first_feed):
                 state = tuple(s[row : row + 1].copy() for s in state_out)
                 scores = _feed_log_probs(entry.request, log_probs[row]) if entry.request.want_log_probs else None
                 result.feeds.append((entry, state, scores))
         if not requests:
-            return ()
-        return tuple(np.concatenate(parts) for parts in zip(*starts, strict=True))
+            return (), None
+        return tuple(np.concatenate(parts) for parts in zip(*starts, strict=True)), first_log_probs
 
     def _initial(self, state: State | None) -> State:
         if state is None:

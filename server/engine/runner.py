@@ -12,6 +12,7 @@ import numpy as np
 
 from seqserve.v1.manifest_pb2 import ModelKind
 from server.bundle import LoadedBundle, LoadedGraph
+from server.bundle.manifest import LAST_LOG_PROBS
 from server.engine.batch import DecodeBatch, State
 
 
@@ -24,8 +25,10 @@ class Runner:
         if self.is_lm:
             self._step = bundle.graph("step")
             state_graph = self._step
-            # The state-only graph (no vocabulary projection); bundles exported before it have none.
+            # The prefill graph (no projection but the last position's); bundles exported before it have
+            # none, and some have one that returns the state only.
             self._prefill = bundle.graphs.get("prefill")
+            self._prefills_last = self._prefill is not None and LAST_LOG_PROBS in self._prefill.output_names
         else:
             self._encoder = bundle.graph("encoder")
             self._decoder = bundle.graph("decoder_step")
@@ -43,28 +46,34 @@ class Runner:
     def zero_state(self, rows: int) -> State:
         return tuple(np.zeros((rows, *shape), dtype=np.float32) for shape in self.state_shapes)
 
-    def prefill(self, sequences: Sequence[Sequence[int]], state: State, want_log_probs: bool
-                ) -> tuple[State, np.ndarray | None]:
+    def prefill(self, sequences: Sequence[Sequence[int]], state: State, want_log_probs: bool = False,
+                want_last: bool = False) -> tuple[State, np.ndarray | None, np.ndarray | None]:
         """LM: feed each row its (non-empty) sequence from `state`, padded, in one call.
 
-        Returns the state after each row's own length and, if asked, log_probs [B, T, V] (positions
-        past a row's length are padding).
+        Returns the state after each row's own length; if asked, log_probs [B, T, V] (positions past a
+        row's length are padding); if asked, last_log_probs [B, V], the log-probs after each row's last
+        token (what the first generated token is chosen from).
         """
         lengths = np.array([len(s) for s in sequences], dtype=np.int64)
         tokens = np.zeros((len(sequences), int(lengths.max())), dtype=np.int64)
         for row, sequence in enumerate(sequences):  # once per admitted request, not per step
             tokens[row, : len(sequence)] = sequence
-        if want_log_probs:
-            log_probs, new_state = self._run_lm(tokens, lengths, state)
-            return new_state, log_probs
         feeds = {self._token_input: tokens, self._lengths_input: lengths}
         feeds.update(zip(self.state_names, state, strict=True))
-        if self._prefill is not None:
-            # Same inputs, only the state comes out: the projection and log-softmax are never computed.
-            return tuple(self._prefill.session.run(list(self._prefill.state_outputs), feeds)), None
+        prefill = self._prefill
+        if not want_log_probs and prefill is not None and (self._prefills_last or not want_last):
+            # The projection and log-softmax run for the last positions at most, never for every one.
+            names = list(prefill.state_outputs) + ([LAST_LOG_PROBS] if want_last else [])
+            outputs = prefill.session.run(names, feeds)
+            return tuple(outputs[: len(prefill.state_outputs)]), None, outputs[-1] if want_last else None
+        if want_log_probs or want_last:
+            by_name = dict(zip(self._outputs, self._session.run(None, feeds), strict=True))
+            log_probs = by_name["log_probs"]
+            last = log_probs[np.arange(len(lengths)), lengths - 1] if want_last else None
+            return tuple(by_name[name] for name in self._state_outputs), log_probs if want_log_probs else None, last
         # Only the state is needed: not fetching log_probs [B, T, V] skips copying it out (measured
         # 15-21% of a prefill call in bench/RESULTS.md), though step still computes them.
-        return tuple(self._session.run(list(self._state_outputs), feeds)), None
+        return tuple(self._session.run(list(self._state_outputs), feeds)), None, None
 
     def encode(self, sources: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray, State]:
         """seq2seq: (memory [B, S, M], mask [B, S], decoder state) for padded sources, in one call."""
@@ -82,20 +91,15 @@ class Runner:
     def decode(self, batch: DecodeBatch) -> tuple[np.ndarray, State, np.ndarray | None]:
         """One token per row: (log_probs [B, V], new state, attention [B, S] or None for an LM)."""
         if self.is_lm:
-            log_probs, state = self._run_lm(batch.tokens[:, None], np.ones(len(batch), dtype=np.int64),
-                                            batch.state)
-            return log_probs[:, 0], state, None
+            feeds = {self._token_input: batch.tokens[:, None], self._lengths_input: np.ones(len(batch), np.int64)}
+            feeds.update(zip(self.state_names, batch.state, strict=True))
+            by_name = dict(zip(self._outputs, self._session.run(None, feeds), strict=True))
+            return by_name["log_probs"][:, 0], tuple(by_name[name] for name in self._state_outputs), None
         feeds = {self._token_input: batch.tokens, "memory": batch.memory, "mask": batch.mask}
         feeds.update(zip(self.state_names, batch.state, strict=True))
         by_name = dict(zip(self._outputs, self._session.run(None, feeds), strict=True))
         state = tuple(by_name[name] for name in self._state_outputs)
         return by_name["log_probs"], state, by_name["attention"]
-
-    def _run_lm(self, tokens: np.ndarray, lengths: np.ndarray, state: State) -> tuple[np.ndarray, State]:
-        feeds = {self._token_input: tokens, self._lengths_input: lengths}
-        feeds.update(zip(self.state_names, state, strict=True))
-        by_name = dict(zip(self._outputs, self._session.run(None, feeds), strict=True))
-        return by_name["log_probs"], tuple(by_name[name] for name in self._state_outputs)
 
 
 def _fixed_shape(graph: LoadedGraph, name: str) -> tuple[int, ...]:

@@ -57,7 +57,8 @@ def test_train_export_load_parity_round_trip(tiny_runs, tmp_path, cell, kind):
         step, prefill = manifest.graphs
         assert list(step.state_inputs) == state and list(step.state_outputs) == [f"{s}_out" for s in state]
         assert (prefill.role, prefill.file) == ("prefill", "prefill.onnx")
-        assert list(prefill.inputs) == list(step.inputs) and list(prefill.outputs) == list(step.outputs)[1:]
+        assert list(prefill.inputs) == list(step.inputs) and list(prefill.outputs)[:-1] == list(step.outputs)[1:]
+        assert prefill.outputs[-1].name == "last_log_probs"
         assert set(bundle.graphs) == {"step", "prefill"}
     else:
         assert dict(manifest.tokenizers) == {"source": "source_tokenizer.json",
@@ -216,8 +217,11 @@ def test_an_lm_bundle_without_a_prefill_graph_still_loads_and_serves(tiny_runs, 
     sequences = [[1, 5, 6, 7], [1], [1, 9, 4]]
     runners = [Runner(with_prefill), Runner(without)]
     assert runners[0]._prefill is not None and runners[1]._prefill is None
-    states = [r.prefill(sequences, r.zero_state(len(sequences)), want_log_probs=False) for r in runners]
+    states = [r.prefill(sequences, r.zero_state(len(sequences)), want_last=True) for r in runners]
     for got, expected in zip(states[0][0], states[1][0], strict=True):
         assert got.shape == expected.shape
         assert abs(got - expected).max() <= 1e-5
-    assert states[0][1] is None and states[1][1] is None
+    assert states[0][1] is None and states[1][1] is None  # every position's log-probs: not asked for
+    # The log-probs after each row's last token: the prefill graph's own, or picked out of step's.
+    assert states[0][2].shape == states[1][2].shape == (3, without.manifest.sizes.vocab_size)
+    assert abs(states[0][2] - states[1][2]).max() <= 1e-5

@@ -88,7 +88,7 @@ def test_a_graph_that_differs_from_pytorch_fails(tiny_runs, tmp_path):
     assert any("fp32 log-probs differ from PyTorch by up to" in f and "limit 0.0001" in f for f in failures)
 
 
-def test_a_prefill_graph_that_differs_from_pytorch_fails_on_states(tiny_runs, tmp_path):
+def test_a_prefill_graph_that_differs_from_pytorch_fails_on_states_and_log_probs(tiny_runs, tmp_path):
     model, real = load_run(tiny_runs["lstm", "lm"])
     graphs = export_graphs(model, tmp_path)
     other = copy.deepcopy(model)
@@ -96,9 +96,22 @@ def test_a_prefill_graph_that_differs_from_pytorch_fails_on_states(tiny_runs, tm
         next(other.rnn.parameters()).add_(0.1)
     export_lm_prefill(other, tmp_path)  # overwrites prefill.onnx; step.onnx is still the model's
     report = check_parity(model, open_ort_model(tmp_path, graphs), real, settings=SMALL)
-    assert report.max_abs_diff_log_probs <= 1e-4 and report.max_abs_diff_state > 1e-3
-    assert parity_failures(report) == [
+    assert report.max_abs_diff_log_probs > 1e-3 and report.max_abs_diff_state > 1e-3
+    assert parity_failures(report)[:2] == [
+        f"fp32 log-probs differ from PyTorch by up to {report.max_abs_diff_log_probs:.3g} (limit 0.0001)",
         f"fp32 states differ from PyTorch by up to {report.max_abs_diff_state:.3g} (limit 0.0001)"]
+
+
+def test_a_prefill_graph_with_wrong_last_log_probs_fails_on_log_probs(tiny_runs, tmp_path):
+    model, real = load_run(tiny_runs["lstm", "lm"])
+    graphs = export_graphs(model, tmp_path)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.output.bias.add_(0.1 * torch.arange(other.output.bias.numel()))  # the projection only
+    export_lm_prefill(other, tmp_path)
+    report = check_parity(model, open_ort_model(tmp_path, graphs), real, settings=SMALL)
+    assert report.max_abs_diff_state <= 1e-4 and report.max_abs_diff_log_probs > 1e-3
+    assert parity_failures(report)[0].startswith("fp32 log-probs differ from PyTorch by up to")
 
 
 def test_parity_failures_name_each_figure():

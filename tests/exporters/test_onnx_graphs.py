@@ -169,16 +169,16 @@ def test_tied_lm_and_interface_names(tmp_path):
 
 
 @pytest.mark.parametrize("cell", CELLS)
-def test_lm_prefill_graph_returns_step_states_only(tmp_path, cell):
+def test_lm_prefill_graph_returns_step_states_and_the_last_positions_log_probs(tmp_path, cell):
     model = tiny_lm(cell)
     step, prefill = export_graphs(model, tmp_path)
     assert (prefill.role, prefill.variant, prefill.file) == ("prefill", "fp32", "prefill.onnx")
     assert list(prefill.inputs) == list(step.inputs) and list(prefill.state_inputs) == list(step.state_inputs)
-    assert list(prefill.outputs) == list(step.outputs)[1:]  # step's without log_probs
+    assert list(prefill.outputs)[:-1] == list(step.outputs)[1:]  # step's states, then:
+    assert (prefill.outputs[-1].name, list(prefill.outputs[-1].shape)) == ("last_log_probs", ["batch", "11"])
     assert list(prefill.state_outputs) == list(step.state_outputs)
     check_recurrent_ops(tmp_path / prefill.file, cell, layers=2)
-    counts = op_type_counts(tmp_path / prefill.file)
-    assert not {"LogSoftmax", "Gemm", "MatMul"} & set(counts), counts  # no vocabulary projection
+    assert op_type_counts(tmp_path / prefill.file)["LogSoftmax"] == 1
     proto = onnx.load(str(tmp_path / prefill.file))
     for value in [*proto.graph.input, *proto.graph.output]:
         assert value.type.tensor_type.shape.dim[0].dim_param == "batch", value.name
@@ -191,8 +191,11 @@ def test_lm_prefill_graph_returns_step_states_only(tmp_path, cell):
         lengths[0] = time
         state = [torch.randn(batch, 2, 10) for _ in names]
         out = run(session, tokens=tokens, lengths=lengths, **dict(zip(names, state, strict=True)))
-        assert list(out) == list(prefill.state_outputs)
+        assert list(out) == [*prefill.state_outputs, "last_log_probs"]
         with torch.no_grad():
             ref = model(tokens, lengths, *state)
         for name, expected in zip(names, ref[1:], strict=True):
             np.testing.assert_allclose(out[f"{name}_out"], expected.numpy(), atol=1e-5)
+        # Row b's log-probs after its own last token (position lengths[b] - 1), not after the padding.
+        last = ref[0][torch.arange(batch), lengths - 1]
+        np.testing.assert_allclose(out["last_log_probs"], last.numpy(), atol=1e-5)

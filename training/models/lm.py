@@ -46,16 +46,21 @@ class LanguageModel(nn.Module):
         return zero_state(self.args.cell, batch, self.args.num_layers, self.args.hidden_size, device)
 
     def recur(self, tokens: torch.Tensor, lengths: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        """Embedding -> recurrent layers: (top-layer outputs [B,T,H], state). The prefill graph is this alone."""
+        """Embedding -> recurrent layers: (top-layer outputs [B,T,H], state). The prefill graph is this, then
+        the log-probs of each row's last position only."""
         x = self.dropout(self.embedding(tokens))
         return run_rnn(self.rnn, self.args.cell, x, lengths, state)
 
     def logits(self, tokens: torch.Tensor, lengths: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
         out, state = self.recur(tokens, lengths, state)
+        return self.project(out), state
+
+    def project(self, out: torch.Tensor) -> torch.Tensor:
+        """Top-layer outputs [..., H] -> logits [..., V]."""
         out = self.dropout(out)
         if self.bottleneck is not None:
             out = self.bottleneck(out)
-        return self.output(out), state
+        return self.output(out)
 
     def forward(self, tokens: torch.Tensor, lengths: torch.Tensor, *state: torch.Tensor
                 ) -> tuple[torch.Tensor, ...]:

@@ -178,12 +178,15 @@ def test_lm_needs_its_step_graph() -> None:
     assert ("graphs", "variant 'fp32' has no 'step' graph") in violations
 
 
-def _lm_prefill_graph(variant: str = "fp32") -> dict:
-    """The state-only prefill graph beside LM_MANIFEST's step: step's inputs, its state outputs only."""
+def _lm_prefill_graph(variant: str = "fp32", last: bool = True) -> dict:
+    """The prefill graph beside LM_MANIFEST's step: step's inputs, its state outputs, then (`last`) the
+    log-probs after each row's last token."""
     step = LM_MANIFEST["graphs"][0]
     suffix = "" if variant == "fp32" else f".{variant}"
-    return dict(copy.deepcopy(step), role="prefill", variant=variant, file=f"prefill{suffix}.onnx",
-                outputs=copy.deepcopy(step["outputs"][1:]))
+    outputs = copy.deepcopy(step["outputs"][1:])
+    if last:
+        outputs.append({"name": "last_log_probs", "dtype": "float32", "shape": ["batch", "40"]})
+    return dict(copy.deepcopy(step), role="prefill", variant=variant, file=f"prefill{suffix}.onnx", outputs=outputs)
 
 
 def test_lm_prefill_graph_is_optional() -> None:
@@ -191,6 +194,8 @@ def test_lm_prefill_graph_is_optional() -> None:
     document = copy.deepcopy(LM_MANIFEST)
     document["graphs"].append(_lm_prefill_graph())
     document["sha256"]["prefill.onnx"] = DIGEST
+    parse_manifest(json.dumps(document))
+    document["graphs"][1] = _lm_prefill_graph(last=False)  # state only, as exported before last_log_probs
     parse_manifest(json.dumps(document))
     # It may be present for some variants only; step stays required for every one.
     document["graphs"].append(_lm_prefill_graph("int8"))
@@ -206,7 +211,7 @@ def test_lm_prefill_graph_carries_state() -> None:
     document["sha256"]["prefill.onnx"] = DIGEST
     assert _violations(document) == [
         ("graphs[1].state_outputs", "1 state outputs for 2 state inputs"),
-        ("graphs[1].outputs", "must be the 'fp32' step graph's state outputs"),
+        ("graphs[1].outputs", "must be the 'fp32' step graph's state outputs, then optionally last_log_probs"),
     ]
 
 
@@ -219,7 +224,19 @@ def test_lm_prefill_graph_must_match_step() -> None:
     document["sha256"]["prefill.onnx"] = DIGEST
     assert _violations(document) == [
         ("graphs[1].inputs", "differ from the 'fp32' step graph's"),
-        ("graphs[1].outputs", "must be the 'fp32' step graph's state outputs"),
+        ("graphs[1].outputs", "must be the 'fp32' step graph's state outputs, then optionally last_log_probs"),
+    ]
+
+
+def test_lm_prefill_graph_last_log_probs_are_one_row_of_step_log_probs() -> None:
+    document = copy.deepcopy(LM_MANIFEST)
+    prefill = _lm_prefill_graph()
+    prefill["outputs"][-1]["shape"] = ["batch", "time", "40"]  # every position's: that is step's job
+    document["graphs"].append(prefill)
+    document["sha256"]["prefill.onnx"] = DIGEST
+    assert _violations(document) == [
+        ("graphs[1].outputs[2]", "after the state outputs a prefill graph has only last_log_probs "
+                                 "float32[batch, vocab], the step's last log-probs"),
     ]
 
 
