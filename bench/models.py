@@ -127,7 +127,14 @@ def export_run_cached(run: str | Path, repository: str | Path, name: str, varian
 def _cached(run: Path, repository: Path, name: str, key: dict) -> bool:
     spec_file = run / "bench-spec.json"
     manifest = repository / name / "1" / "manifest.json"
-    return manifest.is_file() and spec_file.is_file() and json.loads(spec_file.read_text()) == key
+    return manifest.is_file() and spec_file.is_file() and json.loads(spec_file.read_text()) == _with_format(key)
+
+
+def _with_format(key: dict) -> dict:
+    """A cache key that also names the exporter's graph format: bundles of an older one are rebuilt."""
+    from exporters.onnx_graphs import GRAPH_FORMAT
+
+    return {**key, "graph_format": GRAPH_FORMAT}
 
 
 def _export(run: Path, repository: Path, name: str, key: dict, variants: tuple[str, ...], progress,
@@ -146,7 +153,7 @@ def _export(run: Path, repository: Path, name: str, key: dict, variants: tuple[s
                               batch_sizes=(1, 5), lengths=(1, 6)))
     export_run(run, repository, name, version=1, options=options, progress=lambda line: progress(f"  {line}"))
     (marker or run).mkdir(parents=True, exist_ok=True)
-    ((marker or run) / "bench-spec.json").write_text(json.dumps(key, sort_keys=True))
+    ((marker or run) / "bench-spec.json").write_text(json.dumps(_with_format(key), sort_keys=True))
 
 
 def _word_tokenizer(symbols: list[str]):
