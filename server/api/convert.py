@@ -145,10 +145,20 @@ def top_log_probs_to_pb(alternatives, vocab) -> list[pb.TopLogProbs]:
 
 
 def chunk_to_pb(token_ids: Sequence[int], text: str, first_token_index: int, vocab,
-                log_probs: Sequence[float] | None = None, alternatives=None) -> pb.TokenChunk:
-    """A TokenChunk of one or several (coalesced) tokens."""
-    chunk = pb.TokenChunk(text=text, token_ids=[int(t) for t in token_ids],
-                          tokens=[_token(vocab, t) for t in token_ids], first_token_index=first_token_index)
+                log_probs: Sequence[float] | None = None, alternatives=None,
+                into: pb.TokenChunk | None = None) -> pb.TokenChunk:
+    """A TokenChunk of one or several (coalesced) tokens; `into` (an empty TokenChunk, e.g. a response's
+    chunk field, so the chunk is not copied into the response) is filled and returned when given."""
+    id_to_token = vocab.id_to_token
+    ids = [int(t) for t in token_ids]
+    pieces = [id_to_token(t) for t in ids]
+    if None in pieces:
+        pieces = [piece if piece is not None else "" for piece in pieces]
+    chunk = pb.TokenChunk() if into is None else into
+    chunk.text = text
+    chunk.token_ids.extend(ids)
+    chunk.tokens.extend(pieces)
+    chunk.first_token_index = first_token_index
     if log_probs:
         chunk.log_probs.extend(float(p) for p in log_probs)
     if alternatives:

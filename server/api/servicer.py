@@ -81,9 +81,10 @@ class SeqserveServicer(pb_grpc.SeqserveServicer):
                                                         request.return_attention, _deadline(context)))
         tokens = _TokenLog()
         # The proto promises beam translations no chunks: the full n-best list comes in .done.
-        async for item in self._chunks(stream, model, tokens, arrived, send_tokens=params.strategy != "beam"):
-            if isinstance(item, pb.TokenChunk):
-                yield pb.TranslateStreamResponse(chunk=item)
+        async for item in self._chunks(stream, model, tokens, arrived, pb.TranslateStreamResponse,
+                                       send_tokens=params.strategy != "beam"):
+            if not isinstance(item, FinishEvent):
+                yield item  # a chunk
                 continue
             _raise_if_deadline(item, context)
             done = pb.TranslateStreamDone(model=model.name, version=model.version,
@@ -100,9 +101,9 @@ class SeqserveServicer(pb_grpc.SeqserveServicer):
         prompt_ids = model.encode_prompt(request.prompt)
         stream = model.engine.submit(GenerationRequest(request_id_var.get(), prompt_ids, params,
                                                        deadline=_deadline(context)))
-        async for item in self._chunks(stream, model, _TokenLog(), arrived):
-            if isinstance(item, pb.TokenChunk):
-                yield pb.GenerateResponse(chunk=item)
+        async for item in self._chunks(stream, model, _TokenLog(), arrived, pb.GenerateResponse):
+            if not isinstance(item, FinishEvent):
+                yield item  # a chunk
                 continue
             _raise_if_deadline(item, context)
             best = item.hypotheses[0] if item.hypotheses else None
@@ -183,8 +184,8 @@ class SeqserveServicer(pb_grpc.SeqserveServicer):
                                       "generate, fork, get, close")
             message = getattr(request, operation)
             if operation == "generate":
-                # One message per engine step, unpumped: the .done answer is queued before the answers of
-                # the session's next operations (see server.sessions.generation).
+                # One message per engine step, events taken one at a time: the .done answer is queued before
+                # the answers of the session's next operations (see server.sessions.generation).
                 request_id = f"{stream_id}/{request.request_tag}"[:128]
                 async for response in self._generate_in_session(message, request_id, _one_at_a_time):
                     yield operation, response
@@ -209,9 +210,10 @@ class SeqserveServicer(pb_grpc.SeqserveServicer):
                                              request_id=request.request_id or request_id)
         try:
             model = ServedModel(await generation.ready(), self._limits)
-            async for item in self._chunks(generation, model, _TokenLog(), arrived, batches=batches):
-                if isinstance(item, pb.TokenChunk):
-                    yield pb.GenerateResponse(chunk=item)
+            async for item in self._chunks(generation, model, _TokenLog(), arrived, pb.GenerateResponse,
+                                           batches=batches):
+                if not isinstance(item, FinishEvent):
+                    yield item  # a chunk
                     continue
                 best = item.hypotheses[0] if item.hypotheses else None
                 yield pb.GenerateResponse(done=pb.GenerationDone(
@@ -236,25 +238,34 @@ class SeqserveServicer(pb_grpc.SeqserveServicer):
                                      f"is a {_kind_name(model.kind)} model{hint}")
         return model
 
-    async def _chunks(self, stream, model: ServedModel, tokens: _TokenLog, arrived: float, send_tokens: bool = True,
-                      batches=None) -> AsyncIterator[pb.TokenChunk | FinishEvent]:
-        """TokenChunks of the stream's tokens (coalesced when several are ready), then its FinishEvent.
+    async def _chunks(self, stream, model: ServedModel, tokens: _TokenLog, arrived: float, response_type,
+                      send_tokens: bool = True, batches=None) -> AsyncIterator:
+        """Responses (of `response_type`) carrying a TokenChunk of the stream's tokens (coalesced when
+        several are ready), then the stream's FinishEvent.
 
         `arrived` (perf_counter) is when the call came in: time to first token counts from there.
         `batches` groups the events (default `_ready_batches`: whatever piled up).
         """
         previous = arrived
+        observe, name, perf_counter = self._observe_tokens, model.name, time.perf_counter
         async for events in (batches or _ready_batches)(stream):
-            token_events = [event for event in events if isinstance(event, TokenEvent)]
-            for event in token_events:
-                tokens.add(event)
-            if token_events and send_tokens:
-                first_index = len(tokens.ids) - sum(len(event.token_ids) for event in token_events)
-                chunk = model.chunk(token_events, first_index)
-                now = time.perf_counter()
-                self._observe_tokens(model.name, None if first_index == 0 else now - previous, now - arrived)
-                previous = now
-                yield chunk
+            if len(events) == 1:  # the usual: one engine step's tokens (or the finish event alone)
+                token_events = events if isinstance(events[0], TokenEvent) else ()
+            else:
+                token_events = [event for event in events if isinstance(event, TokenEvent)]
+            if token_events:
+                first_index = len(tokens.ids)
+                for event in token_events:
+                    tokens.add(event)
+                if send_tokens:
+                    response = response_type()
+                    chunk = response.chunk
+                    chunk.SetInParent()
+                    model.chunk(token_events, first_index, chunk)  # filled in place: no copy of the chunk
+                    now = perf_counter()
+                    observe(name, None if first_index == 0 else now - previous, now - arrived)
+                    previous = now
+                    yield response
             for event in events:
                 if isinstance(event, FinishEvent):
                     yield event
@@ -280,12 +291,17 @@ class ServedModel:
         ids = self.bundle.tokenizer("text").encode(text).ids if text else []
         return [self._bos, *self._checked_length("prompt", ids)]
 
-    def chunk(self, events: list[TokenEvent], first_index: int) -> pb.TokenChunk:
+    def chunk(self, events: list[TokenEvent], first_index: int, into: pb.TokenChunk | None = None) -> pb.TokenChunk:
+        """One TokenChunk of `events` (filling `into`, e.g. a response's chunk field, when given)."""
+        if len(events) == 1:
+            event = events[0]
+            return convert.chunk_to_pb(event.token_ids, event.text, first_index, self._output,
+                                       log_probs=event.log_probs, alternatives=event.top_alternatives, into=into)
         ids = [token for event in events for token in event.token_ids]
         log_probs = [p for event in events for p in (event.log_probs or ())]
         alternatives = [a for event in events for a in (event.top_alternatives or ())]
         return convert.chunk_to_pb(ids, "".join(event.text for event in events), first_index, self._output,
-                                   log_probs=log_probs, alternatives=alternatives)
+                                   log_probs=log_probs, alternatives=alternatives, into=into)
 
     def translation(self, finish: FinishEvent, tokens: _TokenLog, source_ids: list[int],
                     return_attention: bool) -> pb.Translation:
@@ -354,43 +370,23 @@ async def _collect(stream) -> tuple[FinishEvent, _TokenLog]:
 async def _ready_batches(stream) -> AsyncIterator[list]:
     """The stream's events in lists: whatever was ready when the consumer came back for more.
 
-    A pump task reads the engine's stream as fast as the engine produces; the consumer (the gRPC
-    writer, held back by flow control) takes everything that piled up at once. Leaving early (client
-    gone) cancels the pump and the engine request.
+    The engine queues its events on the stream as it produces them; the consumer (the gRPC writer, held
+    back by flow control) takes everything that piled up at once (`stream.next_batch()`). Leaving early
+    (client gone) cancels the engine request.
     """
-    queue: asyncio.Queue = asyncio.Queue()
-    end = object()
-
-    async def pump():
-        try:
-            async for event in stream:
-                queue.put_nowait(event)
-        except BaseException as error:  # noqa: B036 - handed to the consumer, which re-raises it
-            queue.put_nowait(error)
-        finally:
-            queue.put_nowait(end)
-
-    task = asyncio.create_task(pump())
     try:
         while True:
-            items = [await queue.get()]
-            while not queue.empty():
-                items.append(queue.get_nowait())
-            events = [item for item in items if item is not end and not isinstance(item, BaseException)]
-            if events:
-                yield events
-            for item in items:
-                if isinstance(item, BaseException):
-                    raise item
-            if any(item is end for item in items):
+            events = await stream.next_batch()
+            if not events:
                 return
+            yield events
     finally:
         stream.cancel()
-        task.cancel()
 
 
 async def _one_at_a_time(stream) -> AsyncIterator[list]:
-    """The stream's events one by one, without a pump task (leaving early cancels the stream)."""
+    """The stream's events one by one, uncoalesced: a FinishEvent is taken only once the answers before it
+    are out (leaving early cancels the stream)."""
     try:
         async for event in stream:
             yield [event]

@@ -7,6 +7,7 @@ Deadlines are `time.monotonic()` instants.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -93,40 +94,96 @@ class FinishEvent:
 
 Event = TokenEvent | FinishEvent
 
-_END = object()  # queued after the finish event (or an error) so the iterator stops
+
+class Mailbox:
+    """Items one producer appends (on the event loop's thread) and one consumer takes, all that are ready
+    at once: a deque and the consumer's wake-up future, what an asyncio.Queue does per item, for less."""
+
+    def __init__(self, owner: str, on_abandoned: Callable[[], None]):
+        self.items: deque = deque()
+        self._owner = owner  # for the error naming a second consumer
+        self._on_abandoned = on_abandoned  # the consumer's wait was cancelled (its caller left)
+        self._waiter: asyncio.Future | None = None
+
+    def put(self, item) -> None:
+        self.items.append(item)
+        self.wake()
+
+    def wake(self) -> None:
+        """Wake the consumer without an item (the producer is done)."""
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self) -> None:
+        """Until the next put or wake (at once if items are queued); a cancelled wait abandons the owner."""
+        if self.items:
+            return
+        if self._waiter is not None:
+            raise RuntimeError(f"{self._owner}: a second consumer waits on it")
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            self._on_abandoned()
+            raise
+        finally:
+            self._waiter = None
 
 
 class RequestStream:
     """Async iterator of one request's events; ends after its FinishEvent, or raises its error.
 
-    Cancelling the task that iterates (a disconnected gRPC client) or calling `cancel()` marks the
-    request; the engine drops its rows at the next step.
+    `next_batch()` takes every event that is ready at once (for consumers that coalesce). Cancelling
+    the task that waits on the stream (a disconnected gRPC client) or calling `cancel()` marks the
+    request; the engine drops its rows at the next step. One consumer at a time.
     """
 
     def __init__(self, request_id: str, params: DecodingParams, on_cancel: Callable[[], None] | None = None):
         self.request_id = request_id
         self.params = params  # validated, with the seed the server drew for sampling
         self.cancelled = False
-        self.done = False
-        self._queue: asyncio.Queue = asyncio.Queue()
+        self.done = False  # the finish event (or an error) was put; what is still queued can be taken
+        # Events, then possibly the error that ended the stream (always last: put and fail stop at done).
+        self._mailbox = Mailbox(f"request {request_id}", self.cancel)
+        self._items = self._mailbox.items
         self._on_cancel = on_cancel
 
     def __aiter__(self) -> RequestStream:
         return self
 
     async def __anext__(self) -> Event:
-        if self.done and self._queue.empty():
-            raise StopAsyncIteration
-        try:
-            item = await self._queue.get()
-        except asyncio.CancelledError:
-            self.cancel()
-            raise
-        if item is _END:
-            raise StopAsyncIteration
+        items = self._items
+        if not items:
+            if self.done:
+                raise StopAsyncIteration
+            await self._mailbox.wait()
+        item = items.popleft()
         if isinstance(item, BaseException):
             raise item
         return item
+
+    async def next_batch(self) -> list[Event]:
+        """Every event ready now, waiting for the first if none is; [] once the stream has ended.
+
+        An error ending the stream is raised after the events before it were taken (by the call after
+        the one that returned them).
+        """
+        items = self._items
+        if not items:
+            if self.done:
+                return []
+            await self._mailbox.wait()
+        if isinstance(items[-1], BaseException):
+            if len(items) == 1:
+                raise items.popleft()
+            batch = list(items)
+            items.clear()
+            items.append(batch.pop())  # the error, for the next call
+            return batch
+        batch = list(items)
+        items.clear()
+        return batch
 
     async def result(self) -> FinishEvent:
         """Consume the stream; return its finish event (for unary calls)."""
@@ -153,16 +210,15 @@ class RequestStream:
     def put(self, event: Event) -> None:
         if self.done:
             return
-        self._queue.put_nowait(event)
         if isinstance(event, FinishEvent):
             self.done = True
-            self._queue.put_nowait(_END)
+        self._mailbox.put(event)
 
     def fail(self, error: BaseException) -> None:
         if self.done:
             return
         self.done = True
-        self._queue.put_nowait(error)
+        self._mailbox.put(error)
 
 
 @dataclass

@@ -14,17 +14,17 @@ from typing import TYPE_CHECKING
 
 from server.decoding import DecodingParams
 from server.engine import FinishEvent, GenerationRequest, ModelEngine, RequestStream, TokenEvent
+from server.engine.requests import Mailbox
 from server.sessions.ordering import Turn
 
 if TYPE_CHECKING:
     from server.sessions.manager import SessionManager
 
-_END = object()
-
 
 class SessionGeneration:
     """Async iterator of the engine's TokenEvents and FinishEvent; `await ready()` gives the engine first.
 
+    `next_batch()` takes every event that is ready at once (for consumers that coalesce).
     `tokens_consumed` is the session's count after the generation (set before the FinishEvent comes).
     """
 
@@ -34,7 +34,10 @@ class SessionGeneration:
         self.session_id = session_id
         self.request_id = request_id
         self.tokens_consumed: int | None = None
-        self._queue: asyncio.Queue = asyncio.Queue()
+        # Events, then possibly the error that stopped the work; `_closed` once the work put its last.
+        self._mailbox = Mailbox(f"generation {request_id}", self.cancel)
+        self._items = self._mailbox.items
+        self._closed = False
         self._ready = loop.create_future()
         self._ready.add_done_callback(_retrieve)  # nobody may ask; its error also reaches the iterator
         self._taken = loop.create_future()  # the caller took the FinishEvent, or left
@@ -52,16 +55,9 @@ class SessionGeneration:
         return self
 
     async def __anext__(self) -> TokenEvent | FinishEvent:
-        if self._ended:
+        if self._ended or not await self._wait():
             raise StopAsyncIteration
-        try:
-            item = await self._queue.get()
-        except asyncio.CancelledError:
-            self.cancel()
-            raise
-        if item is _END:
-            self._ended = True
-            raise StopAsyncIteration
+        item = self._items.popleft()
         if isinstance(item, BaseException):
             self._ended = True
             raise item
@@ -69,6 +65,31 @@ class SessionGeneration:
             self._ended = True
             _set(self._taken)  # the session's next operation may run once this call returns
         return item
+
+    async def next_batch(self) -> list[TokenEvent | FinishEvent]:
+        """Every event ready now, waiting for the first if none is; [] once the generation has ended.
+
+        An error is raised after the events before it were taken (by the call after the one that
+        returned them).
+        """
+        if self._ended or not await self._wait():
+            return []
+        items = self._items
+        batch = []
+        while items:
+            item = items[0]
+            if isinstance(item, BaseException):
+                if batch:
+                    return batch
+                items.popleft()
+                self._ended = True
+                raise item
+            batch.append(items.popleft())
+            if isinstance(item, FinishEvent):
+                self._ended = True
+                _set(self._taken)  # the session's next operation may run once this call returns
+                break
+        return batch
 
     def cancel(self) -> None:
         """The caller is gone: stop generating; what was generated so far is parked in the session."""
@@ -78,6 +99,15 @@ class SessionGeneration:
         if self._stream is not None:
             self._stream.cancel()
         _set(self._taken)
+
+    async def _wait(self) -> bool:
+        """Whether an item is queued, waiting for one; False once the work ended with none left."""
+        while not self._items:
+            if self._closed:
+                self._ended = True
+                return False
+            await self._mailbox.wait()
+        return True
 
     async def _run(self, manager: SessionManager, turn: Turn, params: DecodingParams, leave_unchanged: bool):
         try:
@@ -96,15 +126,16 @@ class SessionGeneration:
                 if self._cancelled:
                     stream.cancel()
                 self._ready.set_result(engine)
-                async for event in stream:
-                    if isinstance(event, FinishEvent):
-                        self.tokens_consumed = record.tokens_consumed
-                        if not leave_unchanged:
-                            self.tokens_consumed = await manager.park(record, engine, event)
-                        self._queue.put_nowait(event)
-                        await self._taken
-                    else:
-                        self._queue.put_nowait(event)
+                while events := await stream.next_batch():
+                    for event in events:
+                        if isinstance(event, FinishEvent):
+                            self.tokens_consumed = record.tokens_consumed
+                            if not leave_unchanged:
+                                self.tokens_consumed = await manager.park(record, engine, event)
+                            self._mailbox.put(event)
+                            await self._taken
+                        else:
+                            self._mailbox.put(event)
         except asyncio.CancelledError as error:  # the manager is stopping
             self._fail(error)
             raise
@@ -113,7 +144,8 @@ class SessionGeneration:
         finally:
             if not self._ready.done():  # left before it was submitted
                 self._ready.cancel()
-            self._queue.put_nowait(_END)
+            self._closed = True
+            self._mailbox.wake()
 
     def _fail(self, error: BaseException) -> None:
         if not self._ready.done():
@@ -121,7 +153,7 @@ class SessionGeneration:
                 self._ready.cancel()
             else:
                 self._ready.set_exception(error)
-        self._queue.put_nowait(error)
+        self._mailbox.put(error)
 
 
 def _set(future: asyncio.Future) -> None:

@@ -33,7 +33,15 @@ class Raising(pb_grpc.SeqserveServicer):
     async def Translate(self, request, context):
         raise RAISED[request.model]
 
+    closed: list[str] = []  # Generate calls whose generator was closed, by model
+
     async def Generate(self, request, context):
+        if request.model == "endless":  # a stream the client leaves: the generator must be closed
+            try:
+                while True:
+                    yield pb.GenerateResponse(chunk=pb.TokenChunk(text="x" * 4096))
+            finally:
+                Raising.closed.append(request.model)
         yield pb.GenerateResponse(chunk=pb.TokenChunk(text="first"))
         raise RAISED[request.model]
 
@@ -132,6 +140,25 @@ def test_error_after_streamed_chunks_still_ends_with_its_code():
     (received, code), observed = serve_and_call(calls)
     assert received == ["first"] and code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert observed[0][2] == "RESOURCE_EXHAUSTED"
+
+
+def test_a_client_leaving_mid_stream_is_counted_once_as_cancelled():
+    async def calls(channel):
+        call = pb_grpc.SeqserveStub(channel).Generate(pb.GenerateRequest(model="endless"))
+        await call.read()
+        await asyncio.sleep(0.2)  # the server's writes wait on flow control
+        call.cancel()
+        for _ in range(500):
+            if Raising.closed:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)
+
+    Raising.closed.clear()
+    gate = Gate()
+    _, observed = serve_and_call(calls, gate=gate)
+    assert [call[:3] for call in observed] == [("Generate", "endless", "CANCELLED")]
+    assert Raising.closed == ["endless"] and gate.active == 0
 
 
 def test_bad_utf8_is_invalid_argument_naming_the_field():

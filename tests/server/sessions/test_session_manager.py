@@ -89,6 +89,29 @@ def test_a_serialising_store_serves_sessions_that_decode_as_one_generation(repos
     run(repository, body, store=InMemorySessionStore(serialize=True))
 
 
+def test_a_generation_taken_in_batches_gives_what_piled_up(repository):
+    greedy = DecodingParams(max_new_tokens=12, min_new_tokens=12)
+
+    async def body(manager, clock, prom):
+        a = (await manager.create("tiny-lm", 0, "the cat")).session_id
+        b = (await manager.fork(a)).session_id
+        tokens, finish = await events(manager.generate(a, greedy))
+        generation = manager.generate(b, greedy)
+        await generation.ready()
+        await asyncio.sleep(0.5)  # the reader is away: the engine's events pile up
+        batches = []
+        while batch := await generation.next_batch():
+            batches.append(batch)
+        assert max(len(batch) for batch in batches) > 1 and isinstance(batches[-1][-1], FinishEvent)
+        events_b = [event for batch in batches for event in batch]
+        assert [t for event in events_b[:-1] for t in event.token_ids] == tokens
+        assert events_b[-1].text == finish.text and await generation.next_batch() == []
+        await generation.task
+        assert (await manager.get(b)).tokens_consumed == (await manager.get(a)).tokens_consumed
+
+    run(repository, body)
+
+
 def test_sessions_expire_after_their_idle_ttl_unless_busy(repository):
     endless = DecodingParams(max_new_tokens=1000, min_new_tokens=1000)
 
