@@ -4,10 +4,12 @@
 encoded (seq2seq) together in one call, and the greedy and sampling ones among them choose their first
 token at once: an LM's from the prefill's log-probs after the prompt, a seq2seq model's from one decoder
 step of the joining rows alone (a few rows, a fraction of a full step). Their first token goes out
-before the step of everyone else, not after it (time to first token). Beam requests join as they are
-and start with the next step.
+before the step of everyone else, not after it (time to first token). Meanwhile the rows already in
+the batch run their decode call on a second thread (ONNX Runtime releases the GIL), so a prefill no
+longer stalls everyone's step when a core is free.
 
-`decode`: every active row advances in one decode call; choose, stop, emit.
+`decode`: every active row advances in one decode call (or completes the one started during `admit`);
+choose, stop, emit; then the admitted rows join the batch (beam requests start with the next step).
 
 The per-step work on rows is a handful of numpy calls whatever their number; Python loops run per
 request only, to turn tokens into events.
@@ -15,7 +17,9 @@ request only, to turn tokens into events.
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -57,36 +61,61 @@ class EngineCore:
         self.vocab_size = manifest.sizes.vocab_size
         self.tokenizer = bundle.tokenizer("text" if self.is_lm else "target")
         self.chooser = TokenChooser(self.eos_id)
+        self._decoder: ThreadPoolExecutor | None = None  # runs the batch's decode call during an admission
+        self._in_flight: Future | None = None
+        self._joining: _Joining | None = None
         self.reset()
 
     def reset(self) -> None:
         """Forget every row (after a failed step, or to start over)."""
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is not None:
+            concurrent.futures.wait([in_flight])  # a graph call cannot be interrupted; its result is dropped
+        self._joining = None
         self.batch = DecodeBatch.empty(self.runner.state_shapes, self.runner.memory_size)
         self.choosers = ChooserRows.empty(self.vocab_size)
         self.beams: dict[int, BeamSearch] = {}
         self.tracked: dict[int, Tracked] = {}
 
+    def close(self) -> None:
+        """Forget every row and end the decode thread."""
+        self.reset()
+        if self._decoder is not None:
+            self._decoder.shutdown()
+            self._decoder = None
+
     def admit(self, plan: Plan) -> StepResult:
-        """Rows leave and join; the joining greedy/sampling requests choose their first token."""
+        """Rows leave; the admitted requests are prefilled or encoded, and the greedy/sampling ones choose
+        their first token. Meanwhile (on the decode thread) the rows already in the batch run their step,
+        which `decode` completes; the admitted rows join the batch after it."""
         result = StepResult()
         dropped = plan.dropped_slots()
         if dropped:
             self._drop(dropped, result)
         if plan.admit:
+            if len(self.batch):
+                if self._decoder is None:
+                    self._decoder = ThreadPoolExecutor(1, thread_name_prefix="engine-decode")
+                self._in_flight = self._decoder.submit(self._timed_decode, self.batch)
             self._admit(plan.admit, result)
         return result
 
     def decode(self) -> StepResult:
-        """One token for every row in the batch (nothing if it is empty)."""
+        """One token for every row in the batch (nothing if it is empty); then the admitted rows join."""
         result = StepResult()
-        if len(self.batch) == 0:
-            return result
-        started = time.perf_counter()
-        log_probs, state, attention = self.runner.decode(self.batch)
-        result.decode_seconds = time.perf_counter() - started
-        result.rows = len(self.batch)
-        self._advance(log_probs, state, attention, result)
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is not None or len(self.batch):
+            outputs = in_flight.result() if in_flight is not None else self._timed_decode(self.batch)
+            log_probs, state, attention, result.decode_seconds = outputs
+            result.rows = len(self.batch)
+            self._advance(log_probs, state, attention, result)
+        self._join()
         return result
+
+    def _timed_decode(self, batch: DecodeBatch) -> tuple[np.ndarray, State, np.ndarray | None, float]:
+        started = time.perf_counter()
+        log_probs, state, attention = self.runner.decode(batch)
+        return log_probs, state, attention, time.perf_counter() - started
 
     # --- rows leave -----------------------------------------------------------------------------
 
@@ -145,7 +174,8 @@ class EngineCore:
         histories = [self._history(e) for e in requests]
         for entry, history in zip(requests, histories, strict=True):
             self.tracked[entry.slot] = self._track(entry, history)
-        joining = [self.batch]
+        # The batch, its choosers and beam groups change only in `_join`: the batch's step may be running.
+        joining = self._joining = _Joining()
         chosen = [i for i, g in enumerate(groups) if g == CHOOSER_GROUP]
         if chosen:
             rows = RowParams.concatenate([RowParams.from_params(requests[i].params) for i in chosen])
@@ -155,22 +185,32 @@ class EngineCore:
                 log_probs, state, attention = first_log_probs[chosen], first.state, None
             else:  # one decoder step of the joining rows alone
                 log_probs, state, attention = self.runner.decode(first)
-            part, keep, tokens = self._choose(part, first.owners, np.arange(len(first)), log_probs, state,
-                                              attention, result)
-            self.choosers = ChooserRows.concatenate([self.choosers, part])
+            joining.choosers, keep, tokens = self._choose(part, first.owners, np.arange(len(first)), log_probs,
+                                                          state, attention, result)
             kept = np.flatnonzero(keep)
-            joining.append(first.advance(state, kept, tokens[kept]))
+            joining.rows.append(first.advance(state, kept, tokens[kept]))
         beam_sizes = sorted({g for g in groups if g != CHOOSER_GROUP})
         for size in beam_sizes:
             members = [i for i, g in enumerate(groups) if g == size]
+            joining.beams.append((size, [requests[i].slot for i in members], [requests[i].params for i in members],
+                                  [histories[i] for i in members] if self.is_lm else None))
+        if beam_sizes:
+            joining.rows.append(arrivals.filter(arrivals.groups != CHOOSER_GROUP))
+
+    def _join(self) -> None:
+        """The rows admitted by the last `admit` join the batch (after its step), in batch order: the
+        greedy/sampling rows after the batch's, then the beam rows after their groups'."""
+        joining, self._joining = self._joining, None
+        if joining is None:
+            return
+        if joining.choosers is not None:
+            self.choosers = ChooserRows.concatenate([self.choosers, joining.choosers])
+        for size, slots, params, histories in joining.beams:
             beam = self.beams.get(size)
             if beam is None:
                 beam = self.beams[size] = BeamSearch(size, self.vocab_size, self.eos_id)
-            beam.join([requests[i].slot for i in members], [requests[i].params for i in members],
-                      [histories[i] for i in members] if self.is_lm else None)
-        if beam_sizes:
-            joining.append(arrivals.filter(arrivals.groups != CHOOSER_GROUP))
-        self.batch = DecodeBatch.concatenate(joining)
+            beam.join(slots, params, histories)
+        self.batch = DecodeBatch.concatenate([self.batch, *joining.rows])
 
     def _prefill(self, requests: list[Entry], feeds: list[Entry], result: StepResult
                  ) -> tuple[State, np.ndarray | None]:
@@ -301,6 +341,15 @@ class EngineCore:
             result.events.append((tracked.entry, token_event))
             result.events.append((tracked.entry, finish))
             result.finished.append((tracked.entry, finish.reason.value))
+
+
+@dataclass
+class _Joining:
+    """What an admission adds to the batch once the batch's step is done."""
+
+    rows: list[DecodeBatch] = field(default_factory=list)  # greedy/sampling rows (first token chosen), beam rows
+    choosers: ChooserRows | None = None  # the greedy/sampling rows' that go on
+    beams: list[tuple] = field(default_factory=list)  # (beam size, slots, params, histories) per group joined
 
 
 def _alternatives(alternatives, row: int, count: int) -> list[tuple[int, float]] | None:

@@ -100,7 +100,7 @@ class ModelEngine:
         for entry in leftover:
             self._end(entry, Unavailable(f"model {self.name} v{self.version} was unloaded before the request "
                                          "finished; retry"), "cancelled")
-        self._core.reset()
+        self._core.close()
         self._metrics.clear_info(self.version, self.bundle.manifest.cell, self._provider)
         logger.info("stopped %s v%d", self.name, self.version)
 

@@ -154,9 +154,12 @@ def test_queue_full_is_resource_exhausted(lm):
     params = DecodingParams(max_new_tokens=5)
 
     async def body(engine):
+        busy = engine.submit(GenerationRequest("busy", prompt(bundle, "a"), LONG))
+        await anext(busy)  # it holds the only row: what comes next waits in the queue
         streams = [engine.submit(GenerationRequest(f"q{i}", prompt(bundle, "a"), params)) for i in range(3)]
         with pytest.raises(ResourceExhausted, match="queue"):
             engine.submit(GenerationRequest("over", prompt(bundle, "a"), params))
+        busy.cancel()
         finishes = [await s.result() for s in streams]  # the queued ones still run, one row at a time
         assert [f.reason for f in finishes] == [FinishReason.LENGTH] * 3
 
@@ -293,8 +296,9 @@ def test_stop_drains_in_flight_requests_then_refuses(lm):
 
 def test_joining_requests_get_their_first_token_before_the_step_of_everyone_else(lm):
     """`EngineCore.admit` prefills the joining requests and gives the greedy/sampling ones their first
-    token at once (the engine posts it before the next full step); beam requests start at that step;
-    a request whose first token ends it never takes a row."""
+    token at once (the engine posts it before the batch's step ends), while the batch's step runs; the
+    joining rows join after it; beam requests start at the next step; a request whose first token ends
+    it never takes a row."""
     _, bundle = lm
     config = EngineConfig()
     core = EngineCore(bundle, Runner(bundle))
@@ -316,12 +320,18 @@ def test_joining_requests_get_their_first_token_before_the_step_of_everyone_else
     assert set(firsts) == {1, 3}  # greedy ones: a token each; beam: nothing yet; `running`: not stepped
     assert [(e.slot, reason) for e, reason in admitted.finished] == [(3, "length")]
     assert admitted.rows == 0 and admitted.generated_tokens == 2
+    # `running`'s step ran during the admission; the admitted rows join once it is done.
+    assert core.batch.owners.tolist() == [0]
+    stepped = core.decode()
+    assert [e.slot for e, ev in stepped.events if isinstance(ev, TokenEvent)] == [0] and stepped.rows == 1
     assert sorted(core.batch.owners.tolist()) == [0, 1, 2, 2, 2]
     stepped = core.decode()
     assert {e.slot for e, ev in stepped.events if isinstance(ev, TokenEvent)} == {0, 1}
     assert stepped.rows == 5
+    core.close()
 
     # The first token is the one the reference greedy decoder picks: the same as joining an empty batch.
     alone = EngineCore(bundle, Runner(bundle))
     (_, event), = alone.admit(Plan(admit=[entry(1, DecodingParams(max_new_tokens=8))])).events
     assert event.token_ids == firsts[1].token_ids
+    alone.close()
