@@ -58,8 +58,7 @@ class Runner:
         tokens = np.zeros((len(sequences), int(lengths.max())), dtype=np.int64)
         for row, sequence in enumerate(sequences):  # once per admitted request, not per step
             tokens[row, : len(sequence)] = sequence
-        feeds = {self._token_input: tokens, self._lengths_input: lengths}
-        feeds.update(zip(self.state_names, state, strict=True))
+        feeds = self._lm_feeds(tokens, lengths, state)
         prefill = self._prefill
         if not want_log_probs and prefill is not None and (self._prefills_last or not want_last):
             # The projection and log-softmax run for the last positions at most, never for every one.
@@ -67,10 +66,9 @@ class Runner:
             outputs = prefill.session.run(names, feeds)
             return tuple(outputs[: len(prefill.state_outputs)]), None, outputs[-1] if want_last else None
         if want_log_probs or want_last:
-            by_name = dict(zip(self._outputs, self._session.run(None, feeds), strict=True))
-            log_probs = by_name["log_probs"]
+            log_probs, new_state = self._run_step(feeds)
             last = log_probs[np.arange(len(lengths)), lengths - 1] if want_last else None
-            return tuple(by_name[name] for name in self._state_outputs), log_probs if want_log_probs else None, last
+            return new_state, log_probs if want_log_probs else None, last
         # Only the state is needed: not fetching log_probs [B, T, V] skips copying it out (measured
         # 15-21% of a prefill call in bench/RESULTS.md), though step still computes them.
         return tuple(self._session.run(list(self._state_outputs), feeds)), None, None
@@ -91,15 +89,24 @@ class Runner:
     def decode(self, batch: DecodeBatch) -> tuple[np.ndarray, State, np.ndarray | None]:
         """One token per row: (log_probs [B, V], new state, attention [B, S] or None for an LM)."""
         if self.is_lm:
-            feeds = {self._token_input: batch.tokens[:, None], self._lengths_input: np.ones(len(batch), np.int64)}
-            feeds.update(zip(self.state_names, batch.state, strict=True))
-            by_name = dict(zip(self._outputs, self._session.run(None, feeds), strict=True))
-            return by_name["log_probs"][:, 0], tuple(by_name[name] for name in self._state_outputs), None
+            ones = np.ones(len(batch), dtype=np.int64)
+            log_probs, state = self._run_step(self._lm_feeds(batch.tokens[:, None], ones, batch.state))
+            return log_probs[:, 0], state, None
         feeds = {self._token_input: batch.tokens, "memory": batch.memory, "mask": batch.mask}
         feeds.update(zip(self.state_names, batch.state, strict=True))
         by_name = dict(zip(self._outputs, self._session.run(None, feeds), strict=True))
         state = tuple(by_name[name] for name in self._state_outputs)
         return by_name["log_probs"], state, by_name["attention"]
+
+    def _lm_feeds(self, tokens: np.ndarray, lengths: np.ndarray, state: State) -> dict[str, np.ndarray]:
+        feeds = {self._token_input: tokens, self._lengths_input: lengths}
+        feeds.update(zip(self.state_names, state, strict=True))
+        return feeds
+
+    def _run_step(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, State]:
+        """The LM's step graph: (log_probs [B, T, V], new state)."""
+        by_name = dict(zip(self._outputs, self._session.run(None, feeds), strict=True))
+        return by_name["log_probs"], tuple(by_name[name] for name in self._state_outputs)
 
 
 def _fixed_shape(graph: LoadedGraph, name: str) -> tuple[int, ...]:
