@@ -57,12 +57,6 @@ def server(repository):
         yield running
 
 
-@pytest.fixture(scope="module")
-def stub(server):
-    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        yield pb_grpc.SeqserveStub(channel)
-
-
 def error_of(call, *args, **kwargs) -> grpc.RpcError:
     """The error a unary call or a whole stream ends with."""
     with pytest.raises(grpc.RpcError) as caught:

@@ -65,12 +65,6 @@ def server(repository):
         yield running
 
 
-@pytest.fixture(scope="module")
-def stub(server):
-    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        yield pb_grpc.SeqserveStub(channel)
-
-
 class Reference:
     """The training side's decoders on the checkpoints the bundles were exported from."""
 

@@ -33,12 +33,6 @@ def server(lm_repository):
         yield running
 
 
-@pytest.fixture(scope="module")
-def stub(server):
-    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        yield pb_grpc.SeqserveStub(channel)
-
-
 def create(stub, prefix: str) -> str:
     return stub.CreateSession(pb.CreateSessionRequest(model="tiny-lm", prefix=prefix)).session_id
 

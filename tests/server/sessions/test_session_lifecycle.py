@@ -12,7 +12,6 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from seqserve.v1 import service_pb2 as pb
-from seqserve.v1 import service_pb2_grpc as pb_grpc
 from server.app import ServerThread
 from server.config import ServerConfig
 
@@ -28,12 +27,6 @@ def server(lm_repository):
                           log_level="warning")
     with ServerThread(config) as running:
         yield running
-
-
-@pytest.fixture(scope="module")
-def stub(server):
-    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        yield pb_grpc.SeqserveStub(channel)
 
 
 def metric(server, name: str, **labels: str) -> float:

@@ -20,7 +20,6 @@ from google.rpc import code_pb2
 from exporters.bundle import ExportOptions, export_run
 from exporters.parity import ParitySettings
 from seqserve.v1 import service_pb2 as pb
-from seqserve.v1 import service_pb2_grpc as pb_grpc
 from server.app import ServerThread
 from server.config import ServerConfig
 from training.batching import BOS
@@ -46,12 +45,6 @@ def server(lm_repository, tiny_runs):
                           max_new_tokens=2000, max_input_tokens=64, log_level="warning")
     with ServerThread(config) as running:
         yield running
-
-
-@pytest.fixture(scope="module")
-def stub(server):
-    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        yield pb_grpc.SeqserveStub(channel)
 
 
 def create(stub, prefix: str = "", **fields) -> pb.Session:
