@@ -71,7 +71,10 @@ class Scheduler:
         self._requests: deque[Entry] = deque()
         self._feeds: deque[Entry] = deque()
         self._cancelled: set[int] = set()
-        self._deadlines: list[tuple[float, int, Entry]] = []  # heap
+        # A heap of (deadline, slot, entry). An entry that ends before its deadline stays in the heap
+        # until the heap is compacted: it holds at most twice the live entries that have a deadline.
+        self._deadlines: list[tuple[float, int, Entry]] = []
+        self._live_deadlines = 0
         self._slots = itertools.count()
 
     def new_slot(self) -> int:
@@ -86,6 +89,7 @@ class Scheduler:
         self.queued += 1
         if entry.deadline is not None:
             heapq.heappush(self._deadlines, (entry.deadline, entry.slot, entry))
+            self._live_deadlines += 1
 
     def cancel(self, slot: int) -> None:
         """Mark a request cancelled; it leaves at the next plan."""
@@ -109,13 +113,30 @@ class Scheduler:
         self._admit(plan, now)
         return plan
 
+    @property
+    def tracked_deadlines(self) -> int:
+        """Entries the deadline heap holds, live or ended (bounded by twice the live ones, plus a few)."""
+        return len(self._deadlines)
+
     def finish(self, slot: int) -> Entry | None:
         """A request ended (finished, failed): its rows are free."""
         entry = self.active.pop(slot, None)
         if entry is not None:
-            entry.stage = Stage.DONE
             self.active_rows -= entry.rows
+            self._done(entry)
         return entry
+
+    def _done(self, entry: Entry) -> None:
+        """Mark an entry ended and forget its deadline (the heap drops ended entries in bulk)."""
+        if entry.stage is Stage.DONE:
+            return
+        entry.stage = Stage.DONE
+        if entry.deadline is None:
+            return
+        self._live_deadlines -= 1
+        if len(self._deadlines) > 2 * self._live_deadlines + _HEAP_SLACK:
+            self._deadlines = [item for item in self._deadlines if item[2].stage is not Stage.DONE]
+            heapq.heapify(self._deadlines)
 
     def drain_all(self) -> list[Entry]:
         """Every queued and active entry, removed (the engine is stopping)."""
@@ -177,5 +198,8 @@ class Scheduler:
             self.finish(entry.slot)
         elif entry.stage is Stage.QUEUED:
             self.queued -= 1  # the queue itself forgets it lazily, at admission
-        entry.stage = Stage.DONE
+            self._done(entry)
         into.append(entry)
+
+
+_HEAP_SLACK = 64  # ended entries the deadline heap may hold beyond twice the live ones before compaction

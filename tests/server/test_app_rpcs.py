@@ -34,6 +34,7 @@ S = pb.DecodingOptions
 STRATEGIES = {"greedy": S.STRATEGY_GREEDY, "sample": S.STRATEGY_SAMPLE, "beam": S.STRATEGY_BEAM}
 PROMPTS = ["the cat", "a big dog", ""]
 SOURCES = ["abc", "hedge", "gag", "fade"]
+ENDLESS_TOKENS = 1_000_000  # no machine reaches it before the test ends the generation
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,7 @@ def repository(runs, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(repository):
     config = ServerConfig(repository=str(repository), port=0, metrics_port=0, poll_interval_seconds=0,
-                          max_new_tokens=2000, log_level="warning")
+                          max_new_tokens=ENDLESS_TOKENS, log_level="warning")
     with ServerThread(config) as running:
         yield running
 
@@ -346,10 +347,12 @@ def _metric(server, name: str, **labels: str) -> float:
 
 def test_cancelled_streams_free_their_rows(server, stub):
     before = _metric(server, "seqserve_finished_total", model="tiny-lm", reason="cancelled")
+    # Endless: only the cancellations below end them, however fast the machine.
     calls = [stub.Generate(pb.GenerateRequest(model="tiny-lm", prompt="the", options=options_pb(
-        max_new_tokens=2000, min_new_tokens=2000, **extra))) for extra in ({}, {"strategy": "sample", "seed": 1})]
+        max_new_tokens=ENDLESS_TOKENS, min_new_tokens=ENDLESS_TOKENS, **extra)))
+        for extra in ({}, {"strategy": "sample", "seed": 1})]
     beam = stub.Generate(pb.GenerateRequest(model="tiny-lm", prompt="a", options=options_pb(
-        strategy="beam", beam_size=4, max_new_tokens=2000, min_new_tokens=2000)))
+        strategy="beam", beam_size=4, max_new_tokens=100_000, min_new_tokens=100_000)))
     for call in calls:
         next(call)  # decoding
     deadline = time.monotonic() + 10

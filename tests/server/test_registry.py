@@ -20,7 +20,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SMALL_EXPORT = ExportOptions(eval_limit=10, real_inputs=50,
                              parity=ParitySettings(greedy_inputs=5, beam_inputs=2, max_new_tokens=10))
-LONG = DecodingParams(max_new_tokens=3000, min_new_tokens=3000)  # outlives the swap
+ENDLESS_TOKENS = 1_000_000  # no machine reaches it: the in-flight request outlives the swap, then is cancelled
+LONG = DecodingParams(max_new_tokens=ENDLESS_TOKENS, min_new_tokens=ENDLESS_TOKENS)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ async def wait_for(condition, timeout=10.0):
 def test_hot_swap_new_requests_go_to_the_new_version_in_flight_ones_finish_on_the_old(versions):
     repository, v2 = versions
     prom = CollectorRegistry()
-    registry = ModelRegistry(repository, config=EngineConfig(max_new_tokens=3000), metrics=Metrics(prom),
+    registry = ModelRegistry(repository, config=EngineConfig(max_new_tokens=ENDLESS_TOKENS), metrics=Metrics(prom),
                              session_options={"intra_op_num_threads": 1}, drain_seconds=30)
 
     def info(version):
@@ -67,9 +68,14 @@ def test_hot_swap_new_requests_go_to_the_new_version_in_flight_ones_finish_on_th
         fresh = await new.submit(GenerationRequest("new", [1, 5], DecodingParams(max_new_tokens=5))).result()
         assert fresh.reason is FinishReason.LENGTH
 
+        # The old version goes on decoding its in-flight request until that request ends.
+        for _ in range(20):
+            assert (await in_flight.__anext__()).token_ids
+        assert old.stats().active_rows == 1
+        in_flight.cancel()
         rest = [event async for event in in_flight]
         finish = rest[-1]
-        assert finish.reason is FinishReason.LENGTH and len(finish.generated_ids) == 3000
+        assert finish.reason is FinishReason.CANCELLED and len(finish.generated_ids) > 20
         await wait_for(lambda: info(1) is None)  # the old engine stopped once it was empty
         assert info(2) == 1 and old.stats() == (0, 0, 0)
 

@@ -22,13 +22,14 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 S = pb.DecodingOptions
 WORDS = "the a cat dog sat ran on under mat log big small red blue".split()
-ENDLESS = S(max_new_tokens=2000, min_new_tokens=2000)  # runs until cancelled
+ENDLESS_TOKENS = 1_000_000  # no machine reaches it before the test ends the generation
+ENDLESS = S(max_new_tokens=ENDLESS_TOKENS, min_new_tokens=ENDLESS_TOKENS)
 
 
 @pytest.fixture(scope="module")
 def server(lm_repository):
     config = ServerConfig(repository=str(lm_repository), port=0, metrics_port=-1, poll_interval_seconds=0,
-                          max_new_tokens=2000, log_level="warning")
+                          max_new_tokens=ENDLESS_TOKENS, log_level="warning")
     with ServerThread(config) as running:
         yield running
 
@@ -96,7 +97,7 @@ def _session_with(stub, prefix: str, generated: int, fed: str) -> str:
 def test_an_interrupted_generation_leaves_the_tokens_generated_so_far(stub, how):
     session_id = create(stub, "a big")
     call = stub.GenerateInSession(pb.GenerateInSessionRequest(session_id=session_id, options=ENDLESS),
-                                  timeout=0.5 if how == "deadline" else None)
+                                  timeout=1.0 if how == "deadline" else None)
     streamed = []
     with pytest.raises(grpc.RpcError) as caught:
         for response in call:

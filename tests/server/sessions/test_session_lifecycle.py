@@ -23,7 +23,7 @@ LSTM_STATE_BYTES = 192
 @pytest.fixture(scope="module")
 def server(lm_repository):
     config = ServerConfig(repository=str(lm_repository), port=0, metrics_port=0, poll_interval_seconds=0,
-                          max_sessions=3, session_ttl_seconds=1, max_session_ttl_seconds=60, max_new_tokens=2000,
+                          max_sessions=3, session_ttl_seconds=1, max_session_ttl_seconds=60, max_new_tokens=1_000_000,
                           log_level="warning")
     with ServerThread(config) as running:
         yield running
@@ -67,8 +67,10 @@ def test_the_least_recently_used_idle_session_is_evicted_at_the_cap(server, stub
     assert metric(server, "seqserve_sessions_active") == 3
 
     # Sessions in the middle of an operation are never evicted: with all of them busy, creating one fails.
+    # Endless generations: the cancellations below end them.
     calls = [stub.GenerateInSession(pb.GenerateInSessionRequest(
-        session_id=s, options=pb.DecodingOptions(max_new_tokens=2000, min_new_tokens=2000))) for s in (a, c, d)]
+        session_id=s, options=pb.DecodingOptions(max_new_tokens=1_000_000, min_new_tokens=1_000_000)))
+        for s in (a, c, d)]
     for call in calls:
         next(call)
     with pytest.raises(grpc.RpcError) as caught:
@@ -119,11 +121,12 @@ def test_idle_sessions_expire_after_their_ttl(server, stub):
     assert "expired" in not_found(stub, swept)
     assert metric(server, "seqserve_sessions_active") == 1
 
-    # Use keeps a session alive: three feeds 0.5 s apart outlive its 1 s TTL.
+    # Use keeps a session alive: four feeds 1 s apart outlive its 3 s TTL (2 s of slack for a busy machine
+    # between feeds; without the refresh it would expire by the third).
     close_all(stub, kept)
-    alive = create(stub)
-    for _ in range(3):
-        time.sleep(0.5)
+    alive = create(stub, 3)
+    for _ in range(4):
+        time.sleep(1.0)
         stub.Feed(pb.FeedRequest(session_id=alive, text=" a"))
-    assert stub.GetSession(pb.GetSessionRequest(session_id=alive)).tokens_consumed == 3 + 3 * 2
+    assert stub.GetSession(pb.GetSessionRequest(session_id=alive)).tokens_consumed == 3 + 4 * 2
     close_all(stub, alive)

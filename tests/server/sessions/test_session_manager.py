@@ -9,7 +9,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from server.decoding import DecodingParams
-from server.engine import FinishEvent, GenerationRequest
+from server.engine import EngineConfig, FinishEvent, GenerationRequest
 from server.errors import NotFound
 from server.metrics import Metrics
 from server.registry import ModelRegistry
@@ -43,12 +43,15 @@ class Registry:
             raise NotFound(f"model {name!r} has no version {version}")
         return await self.inner.get(name, version)
 
+ENDLESS_TOKENS = 1_000_000  # no machine reaches it before the test ends the generation
+
 
 def run(repository, body, limits: SessionLimits | None = None, store=None):
     async def go():
         prom = CollectorRegistry()
         metrics = Metrics(prom)
-        registry = ModelRegistry(repository, metrics=metrics, session_options={"intra_op_num_threads": 1})
+        registry = ModelRegistry(repository, config=EngineConfig(max_new_tokens=ENDLESS_TOKENS), metrics=metrics,
+                                 session_options={"intra_op_num_threads": 1})
         await registry.start()
         clock = Clock()
         manager = SessionManager(Registry(registry), limits, store=store, metrics=metrics, clock=clock)
@@ -113,7 +116,7 @@ def test_a_generation_taken_in_batches_gives_what_piled_up(repository):
 
 
 def test_sessions_expire_after_their_idle_ttl_unless_busy(repository):
-    endless = DecodingParams(max_new_tokens=1000, min_new_tokens=1000)
+    endless = DecodingParams(max_new_tokens=ENDLESS_TOKENS, min_new_tokens=ENDLESS_TOKENS)  # ended by the test
 
     async def body(manager, clock, prom):
         def expired() -> float:
