@@ -35,11 +35,20 @@ class InvalidArgument(SeqserveError):
         if message is None:
             if field is None or allowed is None or value is _UNSET:
                 raise TypeError("InvalidArgument needs a message or all of field, value and allowed")
-            message = f"{field} must be {allowed}, got {value!r}"
+            message = f"{field} must be {allowed}, got {shown(value)}"
         super().__init__(message)
         self.field = field
         self.value = None if value is _UNSET else value
         self.allowed = allowed
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """`repr(value)`, cut to about `limit` characters: a client's 4 MB string must not come back in an error."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f"{len(value)} characters" if isinstance(value, str | bytes) else f"{len(text)} characters as text"
+    return f"{text[:limit]}... ({size})"
 
 
 class NotFound(SeqserveError):
@@ -58,6 +67,11 @@ class ResourceExhausted(SeqserveError):
     """Queue full, session limit reached, message too large."""
 
     code = "RESOURCE_EXHAUSTED"
+
+
+# A call that ends this close to its deadline ended because of it: the client's own timer fires a little
+# before the server's (the deadline travels as a relative timeout), and its cancellation arrives first.
+DEADLINE_SLACK_SECONDS = 0.05
 
 
 class DeadlineExceeded(SeqserveError):

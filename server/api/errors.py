@@ -26,7 +26,15 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from server.errors import InvalidArgument, ResourceExhausted, SeqserveError, Unauthenticated, Unavailable
+from server.errors import (
+    DEADLINE_SLACK_SECONDS,
+    InvalidArgument,
+    ResourceExhausted,
+    SeqserveError,
+    Unauthenticated,
+    Unavailable,
+    shown,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -227,6 +235,11 @@ class _Call:
         if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
             self.left()
             raise error
+        if self.is_over():
+            # gRPC ended the call under us (deadline, client gone): the client has its status already, and
+            # an error from sending on the ended call is no fault of ours.
+            self.left()
+            raise asyncio.CancelledError(f"{self.rpc} ended before it was answered") from error
         if not isinstance(error, SeqserveError):
             logger.error("%s failed unexpectedly (request id %s)", self.rpc, self.request_id, exc_info=error)
         elif error.code in ("INTERNAL", "UNKNOWN"):
@@ -235,10 +248,17 @@ class _Call:
         self.finish(code)
         await abort(self.context, error)
 
-    def left(self) -> None:
-        """The call ended under the handler (client gone, deadline passed)."""
+    def is_over(self) -> bool:
+        """The call already ended on gRPC's side (cancelled, or past its deadline)."""
         remaining = self.context.time_remaining()
-        self.finish("DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED")
+        return self.context.cancelled() or self.context.done() or (remaining is not None and remaining <= 0)
+
+    def left(self) -> None:
+        """The call ended under the handler (client gone, deadline passed; a client whose cancellation
+        arrives within DEADLINE_SLACK_SECONDS of its deadline left because of it)."""
+        remaining = self.context.time_remaining()
+        past = remaining is not None and remaining <= DEADLINE_SLACK_SECONDS
+        self.finish("DEADLINE_EXCEEDED" if past else "CANCELLED")
 
     def finish(self, code: str) -> None:
         if self.entered:
@@ -321,7 +341,7 @@ def _reason(error: BaseException) -> str:
 def _error_metadata(error: BaseException) -> dict[str, str]:
     if not isinstance(error, InvalidArgument) or error.field is None:
         return {}
-    return {"field": error.field, "value": repr(error.value), "allowed": error.allowed or ""}
+    return {"field": error.field, "value": shown(error.value), "allowed": error.allowed or ""}
 
 
 def _pack(message) -> any_pb2.Any:

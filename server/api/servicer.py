@@ -27,8 +27,11 @@ from server.bundle.sessions import provider_name
 from server.engine.requests import FinishEvent, GenerationRequest, TokenEvent, TranslationRequest
 from server.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, SeqserveError, Unavailable
 from server.sessions import SessionManager
+from server.text_input import check_input_chars, encode_text
 
 logger = logging.getLogger(__name__)
+
+MAX_NAME_CHARS = 255  # a model's name is a directory name of the repository
 
 _KIND_OF_RPC = {"Translate": ModelKind.MODEL_KIND_SEQ2SEQ, "TranslateStream": ModelKind.MODEL_KIND_SEQ2SEQ,
                 "Generate": ModelKind.MODEL_KIND_LM}
@@ -53,7 +56,9 @@ class SeqserveServicer(pb_grpc.SeqserveServicer):
         sources = convert.sources_from_pb(request.sources, self._limits)
         params = convert.params_from_pb(request.options, self._limits)
         model = await self._model(request.model, request.version, "Translate")
-        encoded = [model.encode_source(text, f"sources[{i}]") for i, text in enumerate(sources)]
+        for i, text in enumerate(sources):  # every cap first: no source is tokenized when one is refused
+            model.check_source_chars(text, f"sources[{i}]")
+        encoded = [await model.encode_source(text, f"sources[{i}]") for i, text in enumerate(sources)]
         deadline = _deadline(context)
         streams = []
         try:
@@ -76,7 +81,7 @@ class SeqserveServicer(pb_grpc.SeqserveServicer):
         convert.check_text("source", request.source)
         params = convert.params_from_pb(request.options, self._limits)
         model = await self._model(request.model, request.version, "TranslateStream")
-        source_ids = model.encode_source(request.source, "source")
+        source_ids = await model.encode_source(request.source, "source")
         stream = model.engine.submit(TranslationRequest(request_id_var.get(), source_ids, params,
                                                         request.return_attention, _deadline(context)))
         tokens = _TokenLog()
@@ -98,7 +103,7 @@ class SeqserveServicer(pb_grpc.SeqserveServicer):
         arrived = time.perf_counter()
         params = convert.params_from_pb(request.options, self._limits, single_result=True)
         model = await self._model(request.model, request.version, "Generate")
-        prompt_ids = model.encode_prompt(request.prompt)
+        prompt_ids = await model.encode_prompt(request.prompt)
         stream = model.engine.submit(GenerationRequest(request_id_var.get(), prompt_ids, params,
                                                        deadline=_deadline(context)))
         async for item in self._chunks(stream, model, _TokenLog(), arrived, pb.GenerateResponse):
@@ -283,13 +288,16 @@ class ServedModel:
         self._bos = special.bos_id
         self._output = self.bundle.tokenizer("text" if self.kind == ModelKind.MODEL_KIND_LM else "target")
 
-    def encode_source(self, text: str, field: str) -> list[int]:
-        return self._checked_length(field, self.bundle.tokenizer("source").encode(text).ids)
+    def check_source_chars(self, text: str, field: str) -> None:
+        check_input_chars(self.bundle.tokenizer("source"), text, field, self._limits.max_input_tokens)
 
-    def encode_prompt(self, text: str) -> list[int]:
+    async def encode_source(self, text: str, field: str) -> list[int]:
+        return await encode_text(self.bundle.tokenizer("source"), text, field, self._limits.max_input_tokens)
+
+    async def encode_prompt(self, text: str) -> list[int]:
         """<bos> then the prompt's tokens (an empty prompt generates from the start of a sequence)."""
-        ids = self.bundle.tokenizer("text").encode(text).ids if text else []
-        return [self._bos, *self._checked_length("prompt", ids)]
+        return [self._bos, *await encode_text(self.bundle.tokenizer("text"), text, "prompt",
+                                              self._limits.max_input_tokens)]
 
     def chunk(self, events: list[TokenEvent], first_index: int, into: pb.TokenChunk | None = None) -> pb.TokenChunk:
         """One TokenChunk of `events` (filling `into`, e.g. a response's chunk field, when given)."""
@@ -332,13 +340,6 @@ class ServedModel:
         text = self._output.decode(finish.generated_ids)
         found = [(text.find(s), i) for i, s in enumerate(stop) if s in text]
         return stop[min(found)[1]] if found else ""
-
-    def _checked_length(self, field: str, ids: list[int]) -> list[int]:
-        if len(ids) > self._limits.max_input_tokens:
-            raise InvalidArgument(f"{field} must be at most {self._limits.max_input_tokens} tokens long, "
-                                  f"got {len(ids)} tokens", field=field, value=len(ids),
-                                  allowed=f"at most {self._limits.max_input_tokens} tokens")
-        return ids
 
 
 class _TokenLog:
@@ -395,8 +396,9 @@ async def _one_at_a_time(stream) -> AsyncIterator[list]:
 
 
 def _checked_name(name: str, version: int) -> tuple[str, int]:
-    if not name:
-        raise InvalidArgument(field="model", value=name, allowed="a model name (ListModels lists them)")
+    if not name or len(name) > MAX_NAME_CHARS:
+        raise InvalidArgument(field="model", value=name,
+                              allowed=f"a model name of 1 to {MAX_NAME_CHARS} characters (ListModels lists them)")
     if version < 0:
         raise InvalidArgument(field="version", value=version, allowed=">= 0 (0 = the latest)")
     return name, version

@@ -18,7 +18,7 @@ from enum import Enum
 from server.decoding import DecodingParams
 from server.engine.config import EngineConfig
 from server.engine.requests import FeedRequest, GenerationRequest, RequestStream, TranslationRequest
-from server.errors import ResourceExhausted
+from server.errors import DEADLINE_SLACK_SECONDS, ResourceExhausted
 
 
 class Stage(Enum):
@@ -103,7 +103,11 @@ class Scheduler:
         plan = Plan()
         for slot in self._cancelled:
             entry = self._find(slot)
-            if entry is not None:
+            if entry is None:
+                continue
+            if entry.deadline is not None and entry.deadline <= now + DEADLINE_SLACK_SECONDS:
+                self._remove(entry, plan.expired)  # its caller left because the deadline came: count it so
+            else:
                 self._remove(entry, plan.drop if entry.stage is Stage.ACTIVE else plan.withdrawn)
         self._cancelled.clear()
         while self._deadlines and self._deadlines[0][0] <= now:

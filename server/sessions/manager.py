@@ -32,6 +32,7 @@ from server.sessions.generation import SessionGeneration
 from server.sessions.ordering import SessionLine
 from server.sessions.record import SessionRecord, State
 from server.sessions.store import InMemorySessionStore, SessionStore
+from server.text_input import encode_text
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ class SessionManager:
             if engine.kind != "lm":
                 raise FailedPrecondition(f"sessions need a language model; {engine.name} v{engine.version} is a "
                                          "translation model")
-            history = [engine.bundle.manifest.special_tokens.bos_id, *self._encode(engine, prefix, "prefix")]
+            history = [engine.bundle.manifest.special_tokens.bos_id, *await self._encode(engine, prefix, "prefix")]
             state = engine.runner.zero_state(1)
             if len(history) > 1:
                 state, _ = await _feed_all(engine, state, history[:-1])
@@ -165,7 +166,7 @@ class SessionManager:
             record = await self.record_of(session_id)
 
             async def advance(engine: ModelEngine):
-                tokens = self._encode(engine, text, "text")
+                tokens = await self._encode(engine, text, "text")
                 if not tokens:
                     return tokens, record.state, []
                 state, scores = await _feed_all(engine, record.state, [record.last_token_id, *tokens[:-1]],
@@ -386,13 +387,8 @@ class SessionManager:
                                           f"{self.limits.default_ttl_seconds} s)")
         return ttl_seconds or self.limits.default_ttl_seconds
 
-    def _encode(self, engine: ModelEngine, text: str, field: str) -> list[int]:
-        ids = engine.bundle.tokenizer("text").encode(text).ids if text else []
-        limit = self.limits.max_input_tokens
-        if len(ids) > limit:
-            raise InvalidArgument(f"{field} must be at most {limit} tokens long, got {len(ids)} tokens",
-                                  field=field, value=len(ids), allowed=f"at most {limit} tokens")
-        return list(ids)
+    async def _encode(self, engine: ModelEngine, text: str, field: str) -> list[int]:
+        return await encode_text(engine.bundle.tokenizer("text"), text, field, self.limits.max_input_tokens)
 
     async def _retrying(self, engine: Callable[[], Awaitable[ModelEngine]], call) -> tuple[ModelEngine, T]:
         """`call(await engine())`, once more with a fresh engine if the first was retired meanwhile."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import grpc
 import pytest
@@ -16,6 +17,7 @@ from grpc_status import rpc_status
 from seqserve.v1 import service_pb2 as pb
 from seqserve.v1 import service_pb2_grpc as pb_grpc
 from server import errors
+from server.api import errors as errors_module
 from server.api.errors import StatusInterceptor, find_invalid_utf8, status_of
 
 RAISED = {
@@ -240,3 +242,43 @@ def test_unsafe_request_ids_are_replaced():
 
     request_id, _ = serve_and_call(calls)
     assert request_id != "a b {\"x\"}" and len(request_id) == 16
+
+
+def test_a_deadline_that_passes_before_the_call_starts_is_deadline_exceeded_not_internal(monkeypatch, caplog):
+    # The race, made certain: the handler starts sending only after gRPC has ended the call on its deadline.
+    begin = errors_module._Call.begin
+
+    async def late_begin(call):
+        try:
+            while True:
+                await asyncio.sleep(0.005)
+        except asyncio.CancelledError:  # gRPC ended the call: go on as if it had not yet noticed
+            pass
+        await begin(call)
+
+    monkeypatch.setattr(errors_module._Call, "begin", late_begin)
+
+    async def calls(channel):
+        stub = pb_grpc.SeqserveStub(channel)
+        codes = []
+        for call in (lambda: stub.ListModels(pb.ListModelsRequest(), timeout=0.05),
+                     lambda: _drain(stub.Generate(pb.GenerateRequest(model="x"), timeout=0.05))):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await call()
+            codes.append(caught.value.code())
+        return codes
+
+    with caplog.at_level(logging.INFO, logger="server.api.errors"):
+        codes, observed = serve_and_call(calls)
+        for _ in range(100):  # the server's side of the second call may end after the client's
+            if len(observed) == 2:
+                break
+            time.sleep(0.01)
+    assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * 2
+    assert [call[2] for call in observed] == ["DEADLINE_EXCEEDED", "DEADLINE_EXCEEDED"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def _drain(call) -> None:
+    async for _ in call:
+        pass

@@ -66,3 +66,19 @@ def test_cancelled_queued_requests_release_their_deadline():
         plan = scheduler.plan(now=1.0)
         assert plan.withdrawn == [e]
     assert scheduler.queued == 0 and scheduler.tracked_deadlines <= 64
+
+
+def test_a_request_cancelled_at_its_deadline_counts_as_expired():
+    # gRPC cancels a handler whose deadline passed (often a moment before the server's own clock says so):
+    # the engine ends it as expired, not as cancelled, so finished_total{reason="deadline"} counts it.
+    scheduler = Scheduler(EngineConfig(max_rows=1))
+    running, waiting, left = entry(scheduler, 10.0), entry(scheduler, 10.0), entry(scheduler, 100.0)
+    for e in (running, waiting, left):
+        scheduler.add(e)
+    scheduler.plan(now=0.0)
+    for e in (running, waiting, left):
+        scheduler.cancel(e.slot)
+    plan = scheduler.plan(now=9.99)
+    assert {e.slot for e in plan.expired} == {running.slot, waiting.slot} and plan.withdrawn == [left]
+    assert not plan.drop
+    assert plan.dropped_slots() == [running.slot]
