@@ -63,8 +63,6 @@ def params_from_pb(options: pb.DecodingOptions, limits: RequestLimits, *, single
     if temperature < 0 or math.isnan(temperature):
         raise InvalidArgument(field=f"{where}.temperature", value=temperature,
                               allowed="a finite number >= 0 (0 = greedy)")
-    if strategy == "sample" and temperature == 0:
-        strategy, temperature = "greedy", 1.0  # the proto's promise: temperature 0 means greedy
     n_best = options.n_best or 1
     if n_best > 1 and single_result:
         raise InvalidArgument(field=f"{where}.n_best", value=n_best,

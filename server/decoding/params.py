@@ -24,7 +24,7 @@ class DecodingParams:
     strategy: str = "greedy"  # greedy | sample | beam
     max_new_tokens: int = 64  # generated tokens, <eos> excluded, at most the server's limit
     min_new_tokens: int = 0  # <eos> is banned until this many tokens were generated
-    temperature: float = 1.0  # sample: divides the log-probs before softmax
+    temperature: float = 1.0  # sample: divides the log-probs before softmax; 0 = greedy (any strategy)
     top_k: int = 0  # sample: keep the k most probable tokens (ties kept); 0 = off
     top_p: float = 1.0  # sample: keep the smallest most-probable set with mass >= top_p; 1.0 = off
     seed: int | None = None  # sample: fixes the draws; None -> the server draws one (see `with_seed`)
@@ -50,15 +50,19 @@ class DecodingParams:
         return replace(self, seed=secrets.randbits(64))
 
     def validate(self, max_new_tokens_limit: int, *, max_beam_size: int = 16) -> DecodingParams:
-        """Raise `InvalidArgument` naming the first bad field; return self so calls chain."""
+        """Raise `InvalidArgument` naming the first bad field; return the parameters as they will be used.
+
+        Temperature 0 means greedy, for every caller: a sampling request with it becomes greedy, and a
+        greedy or beam one (whose choice no temperature changes) keeps its strategy.
+        """
         if self.strategy not in STRATEGIES:
             raise InvalidArgument(field="strategy", value=self.strategy,
                                   allowed="one of " + ", ".join(repr(s) for s in STRATEGIES))
         _check_int("max_new_tokens", self.max_new_tokens, 1, max_new_tokens_limit)
         _check_int("min_new_tokens", self.min_new_tokens, 0, self.max_new_tokens,
                    allowed=f"in [0, {self.max_new_tokens}] (at most max_new_tokens)")
-        _check_real("temperature", self.temperature, "a finite number > 0",
-                    lambda v: 0 < v < math.inf)
+        _check_real("temperature", self.temperature, "a finite number >= 0 (0 = greedy)",
+                    lambda v: 0 <= v < math.inf)
         _check_int("top_k", self.top_k, 0, None, allowed=">= 0 (0 turns it off)")
         _check_real("top_p", self.top_p, "in (0, 1]", lambda v: 0 < v <= 1)
         if self.seed is not None:
@@ -80,6 +84,9 @@ class DecodingParams:
         if self.strategy == "beam" and self.top_logprobs:
             raise InvalidArgument(field="top_logprobs", value=self.top_logprobs,
                                   allowed="0 with strategy 'beam' (alternatives are per-step, beams are not)")
+        if self.temperature == 0:
+            return replace(self, strategy="greedy" if self.strategy == "sample" else self.strategy,
+                           temperature=1.0)
         return self
 
     def _validate_stop(self) -> None:

@@ -109,3 +109,19 @@ def test_an_over_long_model_name_is_invalid_argument(stub):
     error = rejection(lambda: stub.Generate(pb.GenerateRequest(model="m" * 100_000, prompt="the")))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and len(error.details()) < 300
     assert "model must be a model name of 1 to 255 characters" in error.details()
+
+
+def test_temperature_zero_is_greedy_with_every_strategy(stub):
+    def text(**options):
+        responses = list(stub.Generate(pb.GenerateRequest(model="tiny-lm", prompt="the", options=S(
+            max_new_tokens=12, **options))))
+        return responses[-1].done.text
+
+    greedy = text()
+    for strategy in (S.STRATEGY_UNSPECIFIED, S.STRATEGY_GREEDY, S.STRATEGY_SAMPLE):
+        assert text(strategy=strategy, temperature=0) == greedy
+    beam = stub.Translate(pb.TranslateRequest(model="tiny-g2p", sources=["abc"], options=S(
+        strategy=S.STRATEGY_BEAM, beam_size=3, n_best=2)))
+    beam_cold = stub.Translate(pb.TranslateRequest(model="tiny-g2p", sources=["abc"], options=S(
+        strategy=S.STRATEGY_BEAM, beam_size=3, n_best=2, temperature=0)))
+    assert beam_cold.translations == beam.translations

@@ -52,6 +52,9 @@ def test_every_option_reaches_the_params():
 
 def test_temperature_zero_means_greedy():
     assert params_from_pb(S(strategy=S.STRATEGY_SAMPLE, temperature=0), LIMITS).strategy == "greedy"
+    for strategy in (S.STRATEGY_UNSPECIFIED, S.STRATEGY_GREEDY):
+        assert params_from_pb(S(strategy=strategy, temperature=0), LIMITS).strategy == "greedy"
+    assert params_from_pb(S(strategy=S.STRATEGY_BEAM, temperature=0, n_best=2), LIMITS).strategy == "beam"
 
 
 @pytest.mark.parametrize(("options", "field", "message"), [

@@ -33,6 +33,15 @@ def test_defaults_and_every_strategy_are_valid():
                    no_repeat_ngram_size=32).validate(LIMIT, max_beam_size=8)
 
 
+def test_temperature_zero_means_greedy_for_every_strategy():
+    # The proto's promise, kept by the domain type so in-process callers get it too.
+    assert DecodingParams(strategy="sample", temperature=0.0, seed=3).validate(LIMIT) == \
+        DecodingParams(strategy="greedy", temperature=1.0, seed=3)
+    assert DecodingParams(strategy="greedy", temperature=0.0).validate(LIMIT) == DecodingParams(strategy="greedy")
+    assert DecodingParams(strategy="beam", temperature=0, n_best=2).validate(LIMIT) == \
+        DecodingParams(strategy="beam", n_best=2, temperature=1.0)
+
+
 @pytest.mark.parametrize("fields, message", [
     (dict(strategy="topk"), "strategy must be one of 'greedy', 'sample', 'beam', got 'topk'"),
     (dict(max_new_tokens=0), "max_new_tokens must be in [1, 256], got 0"),
@@ -41,10 +50,10 @@ def test_defaults_and_every_strategy_are_valid():
     (dict(max_new_tokens=10, min_new_tokens=11),
      "min_new_tokens must be in [0, 10] (at most max_new_tokens), got 11"),
     (dict(min_new_tokens=-1), "min_new_tokens must be in [0, 64] (at most max_new_tokens), got -1"),
-    (dict(temperature=0.0), "temperature must be a finite number > 0, got 0.0"),
-    (dict(temperature=float("inf")), "temperature must be a finite number > 0, got inf"),
-    (dict(temperature=float("nan")), "temperature must be a finite number > 0, got nan"),
-    (dict(temperature="hot"), "temperature must be a finite number > 0, got 'hot'"),
+    (dict(temperature=-0.5), "temperature must be a finite number >= 0 (0 = greedy), got -0.5"),
+    (dict(temperature=float("inf")), "temperature must be a finite number >= 0 (0 = greedy), got inf"),
+    (dict(temperature=float("nan")), "temperature must be a finite number >= 0 (0 = greedy), got nan"),
+    (dict(temperature="hot"), "temperature must be a finite number >= 0 (0 = greedy), got 'hot'"),
     (dict(top_k=-1), "top_k must be >= 0 (0 turns it off), got -1"),
     (dict(top_p=1.5), "top_p must be in (0, 1], got 1.5"),
     (dict(top_p=0.0), "top_p must be in (0, 1], got 0.0"),
