@@ -4,7 +4,12 @@
 Lifecycle: `start()` loads the repository and binds the ports (port 0 picks a free one; the bound ports
 are on the App and in the "serving" log line); a repository poll publishes new versions; `drain()` (on
 SIGTERM or SIGINT) turns health to NOT_SERVING, refuses new calls with UNAVAILABLE, lets in-flight
-calls finish within the grace period, then stops the server and the engines.
+calls finish within the grace period, then stops the engines and the server.
+
+A `seqserve serve` process ends without gRPC's own shutdown: that cancels (CANCELLED, which clients do
+not retry) every call that arrives while it runs. Instead the server goes on refusing new calls with
+UNAVAILABLE until the process exits, and the exit closes the sockets, which clients also see as
+UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import contextlib
 import gc
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -136,7 +142,10 @@ class App:
                            "repository": str(config.repository_path)})
 
     async def run(self) -> int:
-        """Serve until SIGTERM or SIGINT, then drain (a second signal cuts the drain short); exit status 0."""
+        """Serve until SIGTERM or SIGINT, then drain (a second signal cuts the drain short); exit status 0.
+
+        The gRPC server is left listening (refusing every call with UNAVAILABLE): the caller exits the
+        process next (see the module docstring)."""
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
 
@@ -151,13 +160,17 @@ class App:
         await self.start()
         await stop.wait()
         logger.info("signal received; draining", extra={"event": "draining"})
-        await self.drain()
+        await self.drain(stop_server=False)
         return 0
 
-    async def drain(self, grace: float | None = None) -> None:
+    async def drain(self, grace: float | None = None, *, stop_server: bool = True) -> None:
         """Stop serving gracefully: health NOT_SERVING, new calls refused, in-flight ones finish (or are
-        cancelled after `grace` seconds, default the config's), then the server and engines stop."""
+        cancelled after `grace` seconds, default the config's), then the engines and (with `stop_server`)
+        the gRPC server stop. Without it the server keeps answering UNAVAILABLE until the process exits."""
         if self._stopped.is_set():
+            if stop_server and self._server is not None:
+                await self._server.stop(0)
+                self._server = None
             return
         self._stopped.set()
         grace = self.config.drain_grace_seconds if grace is None else grace
@@ -169,16 +182,17 @@ class App:
         finished = await self.gate.wait_idle(grace, self._give_up)
         if not finished:
             logger.warning("%d calls still running after the %.1fs grace period (or a second signal); "
-                           "cancelling them", self.gate.active, grace)
-        if self._server is not None:
-            # Health watchers and the like are the only calls left: a short grace ends them cleanly.
-            await self._server.stop(max(0.0, min(1.0, deadline - time.monotonic())))
+                           "the engines stopping end them (UNAVAILABLE)", self.gate.active, grace)
         if self.sessions is not None:
             await self.sessions.stop()
         await self.registry.stop(max(0.0, deadline - time.monotonic()))
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
+        if stop_server and self._server is not None:
+            # Health watchers and the like are the only calls left: a short grace ends them cleanly.
+            await self._server.stop(max(0.0, min(1.0, deadline - time.monotonic())))
+            self._server = None
         logger.info("stopped", extra={"event": "stopped", "drained": finished})
 
     # --- internals -------------------------------------------------------------------------------------
@@ -341,11 +355,17 @@ GC_THRESHOLDS = (10_000, 10, 10)
 
 
 async def serve(config: ServerConfig) -> int:
-    """Run one server until a signal; the process exit status."""
+    """Run one server until a signal, drain it, and end the process (its exit status if it failed)."""
     gc.set_threshold(*GC_THRESHOLDS)  # the process's own server only: embedding programs keep theirs
     app = App(config)
     try:
-        return await app.run()
-    finally:
+        status = await app.run()
+    except BaseException:
         with contextlib.suppress(Exception):
             await app.drain(0)
+        raise
+    # Drained: exit while the server still answers UNAVAILABLE (the module docstring says why).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

@@ -125,3 +125,4 @@ def test_temperature_zero_is_greedy_with_every_strategy(stub):
     beam_cold = stub.Translate(pb.TranslateRequest(model="tiny-g2p", sources=["abc"], options=S(
         strategy=S.STRATEGY_BEAM, beam_size=3, n_best=2, temperature=0)))
     assert beam_cold.translations == beam.translations
+

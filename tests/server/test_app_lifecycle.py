@@ -1,7 +1,8 @@
 """The server's life: a new version published under a running stream, and SIGTERM on `seqserve serve`.
 
-Hot swap: the stream started on v1 finishes on v1 while new requests get v2. SIGTERM: health turns
-NOT_SERVING, the in-flight stream completes, and the process exits 0.
+Hot swap: the stream started on v1 goes on on v1 while new requests get v2. SIGTERM: health turns
+NOT_SERVING, the in-flight stream completes, calls arriving meanwhile get UNAVAILABLE (never CANCELLED)
+until the process exits, and it exits 0.
 """
 
 from __future__ import annotations
@@ -118,46 +119,103 @@ def test_hot_swap_keeps_in_flight_streams_on_their_version(lm_run, tmp_path):
         wait_for(lambda: [e.version for e in server.app.registry.engines()] == [2], what="v1 to retire")
 
 
+class ServerProcess:
+    """`seqserve serve` in a child process on a free port, its JSON log lines collected as they come."""
+
+    def __init__(self, repository: Path, **env: str):
+        env = {**os.environ, "PYTHONPATH": str(Path(server_package.__file__).parents[1]),
+               "SEQSERVE_LOG_FORMAT": "json", "SEQSERVE_POLL_INTERVAL_SECONDS": "0", **env}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "seqserve.cli", "serve", "--repository", str(repository), "--port", "0",
+             "--metrics-port", "-1"], stderr=subprocess.PIPE, text=True, env=env)
+        self.events = []
+        for line in self.process.stderr:
+            self.events.append(json.loads(line))
+            if self.events[-1].get("event") == "serving":
+                break
+        else:
+            self.kill()
+            pytest.fail(f"the server exited before serving: {self.events}")
+        self.port = self.events[-1]["grpc_port"]
+        self._logs = threading.Thread(target=lambda: self.events.extend(json.loads(line)
+                                                                        for line in self.process.stderr),
+                                      daemon=True)
+        self._logs.start()
+
+    def event_names(self) -> list[str]:
+        self._logs.join(timeout=10)
+        return [event.get("event") for event in self.events]
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
 def test_sigterm_drains_in_flight_streams_and_exits_zero(lm_run, tmp_path):
     repository = tmp_path / "models"
     export(lm_run, repository, 1)
-    env = {**os.environ, "PYTHONPATH": str(Path(server_package.__file__).parents[1]), "SEQSERVE_LOG_FORMAT": "json",
-           "SEQSERVE_MAX_NEW_TOKENS": str(LONG_TOKENS), "SEQSERVE_POLL_INTERVAL_SECONDS": "0"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "seqserve.cli", "serve", "--repository", str(repository), "--port", "0",
-         "--metrics-port", "-1"], stderr=subprocess.PIPE, text=True, env=env)
+    server = ServerProcess(repository, SEQSERVE_MAX_NEW_TOKENS=str(LONG_TOKENS))
     try:
-        events = []
-        for line in process.stderr:
-            events.append(json.loads(line))
-            if events[-1].get("event") == "serving":
-                break
-        else:
-            pytest.fail(f"the server exited before serving: {events}")
-        port = events[-1]["grpc_port"]
-        logs = threading.Thread(target=lambda: events.extend(json.loads(line) for line in process.stderr), daemon=True)
-        logs.start()
-
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             watch = Reader(health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest()))
             call = pb_grpc.SeqserveStub(channel).Generate(long_request())
             next(call)
             wait_for(lambda: watch.responses, what="the first health status")
-            process.send_signal(signal.SIGTERM)
+            server.process.send_signal(signal.SIGTERM)
             in_flight = Reader(call)
             in_flight.join(timeout=60)
             watch.join(timeout=10)
 
-        assert process.wait(timeout=60) == 0
+        assert server.process.wait(timeout=60) == 0
         assert in_flight.error is None
         done = in_flight.responses[-1].done
         assert (done.generated_tokens, done.finish_reason) == (LONG_TOKENS, pb.FINISH_REASON_LENGTH)
         assert [r.status for r in watch.responses] == [SERVING, NOT_SERVING]
-        logs.join(timeout=10)
-        names = [event.get("event") for event in events]
+        names = server.event_names()
         assert names.index("serving") < names.index("draining") < names.index("stopped")
-        assert next(e for e in events if e.get("event") == "stopped")["drained"] is True
+        assert next(e for e in server.events if e.get("event") == "stopped")["drained"] is True
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        server.kill()
+
+
+def test_calls_arriving_while_the_server_drains_and_exits_get_unavailable(lm_run, tmp_path):
+    # Clients keep calling through SIGTERM, the drain and the exit: each call is answered (OK) or refused
+    # with UNAVAILABLE, which clients retry elsewhere; none is CANCELLED.
+    repository = tmp_path / "models"
+    export(lm_run, repository, 1)
+    server = ServerProcess(repository)
+    codes: dict[str, int] = {}
+    lock = threading.Lock()
+    exited = threading.Event()
+
+    def keep_calling():
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.SeqserveStub(channel)
+            while not exited.is_set():
+                try:
+                    list(stub.Generate(pb.GenerateRequest(model="tiny-lm", prompt="a", options=pb.DecodingOptions(
+                        max_new_tokens=2)), timeout=30))
+                    code = "OK"
+                except grpc.RpcError as error:
+                    code = error.code().name
+                with lock:
+                    codes[code] = codes.get(code, 0) + 1
+
+    clients = [threading.Thread(target=keep_calling, daemon=True) for _ in range(8)]
+    try:
+        for client in clients:
+            client.start()
+        wait_for(lambda: codes.get("OK", 0) >= 20, what="calls to be answered")
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=60) == 0
+        answered_before_exit = dict(codes)
+        time.sleep(0.2)  # calls after the exit: refused at connect
+        exited.set()
+        for client in clients:
+            client.join(timeout=60)
+    finally:
+        server.kill()
+    assert set(codes) <= {"OK", "UNAVAILABLE"}, codes
+    assert answered_before_exit.get("UNAVAILABLE", 0) > 0 and codes["UNAVAILABLE"] > answered_before_exit["UNAVAILABLE"]
+    assert "stopped" in server.event_names()
