@@ -32,10 +32,11 @@ from grpc_reflection.v1alpha import reflection
 
 from seqserve.v1 import service_pb2
 from seqserve.v1 import service_pb2_grpc as pb_grpc
+from server.api.auth import BearerTokens, TokenFileError
 from server.api.convert import RequestLimits
 from server.api.errors import SERVICE, StatusInterceptor, request_id_var
 from server.api.servicer import SeqserveServicer
-from server.config import ServerConfig
+from server.config import ConfigError, ServerConfig
 from server.engine import EngineConfig
 from server.errors import Unavailable
 from server.metrics import Metrics
@@ -105,6 +106,11 @@ class App:
 
     async def start(self) -> None:
         config = self.config
+        credentials = server_credentials(config)  # before anything loads: a bad file is a start-up error
+        try:
+            tokens = BearerTokens(config.auth_token, config.auth_token_file)
+        except TokenFileError as error:
+            raise ConfigError(str(error)) from None
         if self.metrics is None:
             self.metrics = Metrics()
         if self.registry is None:
@@ -114,8 +120,7 @@ class App:
         await self.sessions.start()
 
         server = grpc.aio.server(
-            interceptors=[StatusInterceptor(observe=self._observe_call, gate=self.gate,
-                                            auth_token=config.auth_token)],
+            interceptors=[StatusInterceptor(observe=self._observe_call, gate=self.gate, auth=tokens)],
             options=[("grpc.max_receive_message_length", config.max_receive_message_bytes),
                      ("grpc.so_reuseport", 0)])  # a busy port is an error, never a silently shared one
         pb_grpc.add_SeqserveServicer_to_server(
@@ -125,14 +130,21 @@ class App:
         reflection.enable_server_reflection(
             (service_pb2.DESCRIPTOR.services_by_name["Seqserve"].full_name, health.SERVICE_NAME,
              reflection.SERVICE_NAME), server)
-        self.port = server.add_insecure_port(f"{config.host}:{config.port}")
+        address = f"{config.host}:{config.port}"
+        self.port = (server.add_secure_port(address, credentials) if credentials is not None
+                     else server.add_insecure_port(address))
         if self.port == 0:
             raise OSError(f"cannot listen on {config.host}:{config.port} (in use?)")
         await server.start()
         self._server = server
         if config.metrics_port >= 0:
+            tls = {}
+            if config.metrics_tls:
+                tls = dict(certfile=config.tls_cert_file, keyfile=config.tls_key_file,
+                           client_cafile=config.tls_client_ca_file or None,
+                           client_auth_required=bool(config.tls_client_ca_file))
             self._metrics_http, _ = prometheus_client.start_http_server(
-                config.metrics_port, config.host, registry=self.metrics.registry)
+                config.metrics_port, config.host, registry=self.metrics.registry, **tls)
             self.metrics_port = self._metrics_http.server_port
         await self._update_health()
         if config.poll_interval_seconds > 0:
@@ -185,7 +197,8 @@ class App:
                            "the engines stopping end them (UNAVAILABLE)", self.gate.active, grace)
         if self.sessions is not None:
             await self.sessions.stop()
-        await self.registry.stop(max(0.0, deadline - time.monotonic()))
+        if self.registry is not None:  # None when start() failed before it made one
+            await self.registry.stop(max(0.0, deadline - time.monotonic()))
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
@@ -239,6 +252,27 @@ class App:
             children[0].observe(since_start)
         else:
             children[1].observe(since_previous)
+
+
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials from the config's PEM files (None without TLS); ConfigError naming an unreadable one."""
+    if not config.tls_cert_file:
+        return None
+    key, chain = _read_pem(config, "tls_key_file"), _read_pem(config, "tls_cert_file")
+    client_ca = _read_pem(config, "tls_client_ca_file") if config.tls_client_ca_file else None
+    return grpc.ssl_server_credentials([(key, chain)], root_certificates=client_ca,
+                                       require_client_auth=client_ca is not None)
+
+
+def _read_pem(config: ServerConfig, setting: str) -> bytes:
+    path = getattr(config, setting)
+    try:
+        data = open(path, "rb").read()
+    except OSError as error:
+        raise ConfigError(f"{setting} {path} cannot be read: {error.strerror}") from None
+    if b"-----BEGIN " not in data:
+        raise ConfigError(f"{setting} {path} is not a PEM file (no '-----BEGIN' line)")
+    return data
 
 
 def _limits(config: ServerConfig) -> RequestLimits:

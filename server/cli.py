@@ -60,6 +60,9 @@ def serve_main(argv: list[str]) -> int:
         return asyncio.run(serve(config))
     except KeyboardInterrupt:  # a second Ctrl-C while draining
         return 130
+    except ConfigError as error:  # a TLS or token file that cannot be used
+        logging.getLogger("server.cli").error("%s", error)
+        return EXIT_CONFIG
     except Exception as error:  # startup failures (port in use, broken bundle): one log line
         logging.getLogger("server.cli").error("the server could not start: %s", error, exc_info=error)
         return EXIT_STARTUP

@@ -50,6 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--token", default=argparse.SUPPRESS,
                         help="bearer token when the server has auth on (default $SEQSERVE_AUTH_TOKEN)")
     common.add_argument("--request-id", default=argparse.SUPPRESS, help="id shown in the server's logs")
+    common.add_argument("--tls-ca", default=argparse.SUPPRESS,
+                        help="connect over TLS, trusting this PEM CA bundle (default $SEQSERVE_TLS_CA; "
+                             "'system' trusts the system's roots)")
+    common.add_argument("--tls-cert", default=argparse.SUPPRESS,
+                        help="client certificate (PEM) for a server that requires one (default $SEQSERVE_TLS_CERT)")
+    common.add_argument("--tls-key", default=argparse.SUPPRESS,
+                        help="private key (PEM) of --tls-cert (default $SEQSERVE_TLS_KEY)")
 
     parser = argparse.ArgumentParser(prog="seqserve client", parents=[common],
                                      description="Call a running seqserve server.")
@@ -142,12 +149,33 @@ def decoding_options(args: argparse.Namespace) -> pb.DecodingOptions:
     return options
 
 
+def channel_credentials(ca: str | None, cert: str | None, key: str | None) -> grpc.ChannelCredentials | None:
+    """TLS credentials from PEM files (None for a plain-text channel). `ca` "system" uses the system's roots;
+    `cert` and `key` (both or neither) are the client's own, for a server that requires mutual TLS."""
+    if not (ca or cert or key):
+        return None
+    if bool(cert) != bool(key):
+        raise ClientError("INVALID_ARGUMENT", "--tls-cert and --tls-key go together (both or neither)")
+
+    def read(flag: str, path: str) -> bytes:
+        try:
+            return open(path, "rb").read()
+        except OSError as error:
+            raise ClientError("INVALID_ARGUMENT", f"--{flag} {path} cannot be read: {error.strerror}") from None
+
+    roots = None if ca in (None, "", "system") else read("tls-ca", ca)
+    return grpc.ssl_channel_credentials(root_certificates=roots,
+                                        private_key=read("tls-key", key) if key else None,
+                                        certificate_chain=read("tls-cert", cert) if cert else None)
+
+
 class Client:
     """One channel to the server and the calls the commands make."""
 
     def __init__(self, target: str, timeout: float | None = None, token: str | None = None,
-                 request_id: str | None = None):
-        self.channel = grpc.insecure_channel(target)
+                 request_id: str | None = None, credentials: grpc.ChannelCredentials | None = None):
+        self.channel = (grpc.secure_channel(target, credentials) if credentials is not None
+                        else grpc.insecure_channel(target))
         self.stub = pb_grpc.SeqserveStub(self.channel)
         self.timeout = timeout
         self.metadata = []
@@ -182,10 +210,16 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_:
         return int(exit_.code or 0) and EXIT_USAGE
     as_json = getattr(args, "json", False)
+    try:
+        credentials = channel_credentials(*(getattr(args, f"tls_{part}", None)
+                                            or os.environ.get(f"SEQSERVE_TLS_{part.upper()}")
+                                            for part in ("ca", "cert", "key")))
+    except ClientError as error:
+        return report(error, as_json)
     client = Client(getattr(args, "target", None) or os.environ.get("SEQSERVE_TARGET") or DEFAULT_TARGET,
                     timeout=getattr(args, "timeout", None),
                     token=getattr(args, "token", None) or os.environ.get("SEQSERVE_AUTH_TOKEN"),
-                    request_id=getattr(args, "request_id", None))
+                    request_id=getattr(args, "request_id", None), credentials=credentials)
     try:
         {"models": run_models, "translate": run_translate, "generate": run_generate,
          "session": run_session}[args.command](client, args, as_json)

@@ -67,6 +67,11 @@ class ServerConfig:
     # --- gRPC transport
     max_receive_message_bytes: int = 4 * 1024 * 1024  # larger requests get RESOURCE_EXHAUSTED
     auth_token: str = field(default="", repr=False)  # when set, Seqserve RPCs need "authorization: Bearer <it>"
+    auth_token_file: str = ""  # more accepted tokens, one per line; reread when it changes (rotation)
+    tls_cert_file: str = ""  # PEM certificate chain: with tls_key_file, gRPC is served over TLS only
+    tls_key_file: str = ""  # PEM private key of tls_cert_file
+    tls_client_ca_file: str = ""  # PEM CA bundle: clients must present a certificate it signed (mutual TLS)
+    metrics_tls: bool = False  # serve /metrics over HTTPS with the same certificate (and client CA)
     # --- lifecycle
     poll_interval_seconds: float = 5.0  # rescan the repository for new versions this often; 0 = never
     drain_grace_seconds: float = 30.0  # on SIGTERM, in-flight requests get this long to finish
@@ -106,6 +111,12 @@ class ServerConfig:
                "in [1, 2147483647] seconds")
         _check(1 <= self.session_ttl_seconds <= self.max_session_ttl_seconds, "session_ttl_seconds",
                self.session_ttl_seconds, f"in [1, max_session_ttl_seconds={self.max_session_ttl_seconds}]")
+        _check(bool(self.tls_cert_file) == bool(self.tls_key_file), "tls_key_file", self.tls_key_file,
+               "set together with tls_cert_file (both or neither)")
+        _check(not self.tls_client_ca_file or bool(self.tls_cert_file), "tls_client_ca_file",
+               self.tls_client_ca_file, "unset unless tls_cert_file and tls_key_file are set (mutual TLS is TLS)")
+        _check(not self.metrics_tls or bool(self.tls_cert_file), "metrics_tls", self.metrics_tls,
+               "false unless tls_cert_file and tls_key_file are set")
         _check(self.poll_interval_seconds >= 0, "poll_interval_seconds", self.poll_interval_seconds,
                ">= 0 (0 = never)")
         _check(self.drain_grace_seconds >= 0, "drain_grace_seconds", self.drain_grace_seconds, ">= 0")

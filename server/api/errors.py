@@ -26,6 +26,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from server.api.auth import BearerTokens
 from server.errors import (
     DEADLINE_SLACK_SECONDS,
     InvalidArgument,
@@ -128,14 +129,14 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
     """Wraps every Seqserve method (health and reflection pass through untouched).
 
     `gate`, when given, has `enter()` (raises Unavailable while draining) and `exit()`, so the app can
-    refuse new calls and wait for in-flight ones. `auth_token`, when non-empty, is required as
-    "authorization: Bearer <token>".
+    refuse new calls and wait for in-flight ones. `auth` (a `BearerTokens`, or one token), when it holds
+    any token, requires "authorization: Bearer <one of them>".
     """
 
-    def __init__(self, observe: CallObserver | None = None, gate: Any = None, auth_token: str = ""):
+    def __init__(self, observe: CallObserver | None = None, gate: Any = None, auth: BearerTokens | str = ""):
         self._observe = observe or (lambda *args: None)
         self._gate = gate
-        self._auth_token = auth_token
+        self._auth = auth if isinstance(auth, BearerTokens) else BearerTokens(auth)
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -219,11 +220,13 @@ class _Call:
         await self.context.send_initial_metadata(((REQUEST_ID_HEADER, self.request_id),))
         if isinstance(self.request, Undecodable):
             raise self.request.error
-        token = self.owner._auth_token
-        if token and self.metadata.get("authorization") != f"Bearer {token}":
-            raise Unauthenticated("this server needs the metadata 'authorization: Bearer <token>'; "
-                                  + ("the token given is wrong" if "authorization" in self.metadata
-                                     else "none was given"))
+        auth = self.owner._auth
+        if auth.enabled:
+            presented = self.metadata.get("authorization")
+            scheme, _, token = (presented or "").partition(" ")
+            if scheme != "Bearer" or not auth.accepts(token):
+                raise Unauthenticated("this server needs the metadata 'authorization: Bearer <token>'; "
+                                      + ("the token given is wrong" if presented is not None else "none was given"))
         if self.owner._gate is not None:
             self.owner._gate.enter()
             self.entered = True

@@ -14,6 +14,9 @@ from seqserve.v1.manifest_pb2 import Graph
 
 logger = logging.getLogger(__name__)
 
+# seqserve sends nothing anywhere: ONNX Runtime's telemetry events are off in every process that serves.
+ort.disable_telemetry_events()
+
 CPU_PROVIDER = "CPUExecutionProvider"
 
 # A provider is a name, or a name with its ONNX Runtime provider options.

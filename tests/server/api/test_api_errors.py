@@ -70,7 +70,7 @@ def serve_and_call(calls, *, token="", gate=None):
 
     async def main():
         server = grpc.aio.server(interceptors=[StatusInterceptor(
-            observe=lambda *call: observed.append(call), gate=gate, auth_token=token)])
+            observe=lambda *call: observed.append(call), gate=gate, auth=token)])
         pb_grpc.add_SeqserveServicer_to_server(Raising(), server)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
