@@ -112,3 +112,16 @@ def test_bare_decoder_step_times_beam_rows_of_real_sources(tiny_runs, tmp_path):
     one = bare_decoder_step(bundle, ["abc", "de"], 1, budget=0.05)
     five = bare_decoder_step(bundle, ["abc", "de"], 5, budget=0.05)
     assert 0 < one < 1 and 0 < five < 1
+
+
+def test_soak_rounds_agree_with_the_servers_metrics(tiny_bundle, tmp_path):
+    from bench import soak
+
+    args = Namespace(streams=6, seconds=1.0, rounds=2, tokens=4, channels=2, model=tiny_bundle.name,
+                     repository=str(tiny_bundle.repository), out=str(tmp_path))
+    result = asyncio.run(soak.soak(args))
+    assert result["errors"] == 0 and result["metrics_agree"], result
+    assert [r["round"] for r in result["rounds"]] == [1, 2] and all(r["rss_mib"] > 0 for r in result["rounds"])
+    kinds = result["rounds"][0]["client_counts"]
+    assert kinds["Generate/OK"] > 0 and kinds["GenerateInSession/OK"] == kinds["CreateSession/OK"] > 0
+    assert (tmp_path / "soak.json").exists()
