@@ -115,10 +115,10 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         self.device = pick_device(cfg.device, self.dist.local_rank)
-        self.dist.init(self.device, cfg.dist_timeout_seconds)
         if cfg.kind == "lm" and cfg.batch_size < self.dist.world_size:
             raise ValueError(f"batch_size must be at least the number of ranks ({self.dist.world_size}) for an "
                              f"LM, whose batch is split by rows, got {cfg.batch_size}")
+        self.dist.init(self.device, cfg.dist_timeout_seconds)
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         if payload:
@@ -313,7 +313,9 @@ class Trainer:
                 p["step_in_epoch"], p["global_step"] = i + 1, p["global_step"] + 1
                 tokens += n
                 step = p["global_step"]
-                self.log({"step": step, "epoch": epoch, "loss": loss, "lr": self.schedule.lr(step - 1)})
+                # tokens: the global batch's target tokens (all ranks); seconds: since this process's loop began
+                self.log({"step": step, "epoch": epoch, "loss": loss, "lr": self.schedule.lr(step - 1), "tokens": n,
+                          "seconds": round(time.perf_counter() - started, 4)})
                 if step % cfg.log_every == 0 and self.writer:
                     self.writer.add_scalar("train/loss", loss, step)
                     self.writer.add_scalar("train/lr", self.schedule.lr(step - 1), step)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from training.cli import torchrun_command
 from training.config import TrainConfig
 from training.distributed import shard
 from training.loop import train
@@ -84,6 +85,21 @@ def test_shards_cover_the_batch_in_order():
             parts = [list(range(count))[shard(count, rank, world)] for rank in range(world)]
             assert sum(parts, []) == list(range(count))
             assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_nproc_launches_torchrun_with_the_same_arguments():
+    command = torchrun_command(3, ["lm", "--nproc", "3", "--out", "r", "--set", "seed=2", "--nproc=3"])
+    assert command[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
+                           "-m", "seqserve.cli", "train", "lm", "--out", "r", "--set", "seed=2"]
+    with pytest.raises(ValueError, match="--nproc must be at least 1, got 0"):
+        torchrun_command(0, [])
+
+
+def test_an_lm_batch_smaller_than_the_world_is_refused_before_joining(corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ValueError, match=r"batch_size must be at least the number of ranks \(3\).*got 2"):
+        train(TrainConfig(kind="lm", **settings("lm", corpus, batch_size=2)), tmp_path)
 
 
 AUDIT_HOOK = '''
