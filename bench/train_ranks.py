@@ -35,7 +35,8 @@ def measure(kind: str, config: str, ranks: int, steps: int, skip: int, sets: lis
     timed = records[skip:]
     seconds = timed[-1]["seconds"] - records[skip - 1]["seconds"] if skip else timed[-1]["seconds"]
     tokens = sum(r["tokens"] for r in timed)
-    return {"ranks": ranks, "threads_per_rank": threads or "default", "steps_timed": len(timed), "tokens": tokens, "seconds": round(seconds, 2),
+    return {"ranks": ranks, "threads_per_rank": threads or "default", "steps_timed": len(timed), "tokens": tokens,
+            "seconds": round(seconds, 2),
             "tokens_per_s": round(tokens / seconds, 1), "seconds_per_step": round(seconds / len(timed), 3),
             "wall_seconds_with_startup": round(wall, 1), "loadavg_1min_before": round(load_before, 2),
             "command": " ".join(command[2:])}
