@@ -70,7 +70,10 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     amp: bool = False  # bf16 autocast on GPU
     overfit_batch: bool = False  # train on one batch only: loss must go to ~0 (debugging)
-    progress: bool = True  # tqdm progress bar
+    progress: bool = True  # tqdm progress bar (rank 0 only under torchrun)
+    dist_timeout_seconds: float = 600.0  # torchrun: how long a rank waits at a collective (rank 0's
+    #   validation included) before the run stops with an error naming the failure; a dead rank is noticed
+    #   at once, a hung one after this long
 
     def __post_init__(self):
         allowed = {"kind": ("lm", "seq2seq"), "cell": ("lstm", "gru", "rnn"), "optimizer": ("adam", "sgd"),
@@ -82,12 +85,15 @@ class TrainConfig:
         for name in ("tokenizer", "source_tokenizer", "target_tokenizer"):
             if getattr(self, name) not in ("char", "word", "bpe"):
                 raise ValueError(f"{name} must be one of char, word, bpe, got {getattr(self, name)!r}")
+        if not self.dist_timeout_seconds > 0:
+            raise ValueError(f"dist_timeout_seconds must be > 0, got {self.dist_timeout_seconds!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def save(self, path: Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+    def save(self, path: Path, **facts) -> None:
+        """The resolved config, plus facts about the run that are not settings (`world_size`)."""
+        Path(path).write_text(json.dumps({**self.to_dict(), **facts}, indent=2, sort_keys=True) + "\n")
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
