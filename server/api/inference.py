@@ -107,11 +107,16 @@ class InferenceServicer:
         status = next(s for s in self._registry.models() if s.name == model.name)
         response = oip.ModelMetadataResponse(name=model.name, versions=[str(v) for v in status.versions],
                                              platform=_platform(model))
-        lm = model.kind == ModelKind.MODEL_KIND_LM
-        response.inputs.add(name=tensors.TEXT, datatype=tensors.BYTES, shape=[1] if lm else [-1])
-        response.outputs.add(name=tensors.TEXT, datatype=tensors.BYTES, shape=[1] if lm else [-1])
-        if not lm:
-            response.outputs.add(name=tensors.SCORE, datatype=tensors.FP32, shape=[-1])
+        # As Triton derives it from ModelConfig: a batched model's shapes lead with the batch dimension (-1).
+        # A seq2seq request sends [n, 1] (what perf_analyzer sends) or just [n]; outputs are [n, n_best]
+        # ([n] for a [n] request with n_best 1).
+        if model.kind == ModelKind.MODEL_KIND_LM:
+            response.inputs.add(name=tensors.TEXT, datatype=tensors.BYTES, shape=[1])
+            response.outputs.add(name=tensors.TEXT, datatype=tensors.BYTES, shape=[1])
+        else:
+            response.inputs.add(name=tensors.TEXT, datatype=tensors.BYTES, shape=[-1, 1])
+            response.outputs.add(name=tensors.TEXT, datatype=tensors.BYTES, shape=[-1, -1])
+            response.outputs.add(name=tensors.SCORE, datatype=tensors.FP32, shape=[-1, -1])
         return response
 
     async def ModelConfig(self, request, context):
@@ -157,6 +162,7 @@ class InferenceServicer:
                                                   execution_count=stats.success + stats.fail)
                 entry.inference_stats.success.count, entry.inference_stats.success.ns = stats.success, stats.success_ns
                 entry.inference_stats.fail.count, entry.inference_stats.fail.ns = stats.fail, stats.fail_ns
+                entry.inference_stats.queue.count = stats.success + stats.fail  # every request is queued once
         return response
 
     async def RepositoryIndex(self, request, context):

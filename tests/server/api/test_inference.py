@@ -84,9 +84,9 @@ def test_live_ready_and_server_metadata(client):
 def test_model_metadata_lists_the_tensors(client):
     g2p = client.get_model_metadata("g2p-en")
     assert (g2p.name, list(g2p.versions), g2p.platform) == ("g2p-en", ["1"], "seqserve_seq2seq")
-    assert [(t.name, t.datatype, list(t.shape)) for t in g2p.inputs] == [("TEXT", "BYTES", [-1])]
-    assert [(t.name, t.datatype, list(t.shape)) for t in g2p.outputs] == [("TEXT", "BYTES", [-1]),
-                                                                          ("SCORE", "FP32", [-1])]
+    assert [(t.name, t.datatype, list(t.shape)) for t in g2p.inputs] == [("TEXT", "BYTES", [-1, 1])]
+    assert [(t.name, t.datatype, list(t.shape)) for t in g2p.outputs] == [("TEXT", "BYTES", [-1, -1]),
+                                                                          ("SCORE", "FP32", [-1, -1])]
     lm = client.get_model_metadata("fortunes-lm", as_json=True)
     assert lm["inputs"] == [{"name": "TEXT", "datatype": "BYTES", "shape": ["1"]}]
 
@@ -358,6 +358,7 @@ def test_statistics_index_and_prometheus_count_these_calls(client, server):
     after = client.get_inference_statistics("g2p-en").model_stats[0]
     assert after.inference_count == before.inference_count + 3
     assert after.inference_stats.success.count == before.inference_stats.success.count + 1
+    assert after.inference_stats.queue.count == before.inference_stats.queue.count + 1  # perf_analyzer reads it
     assert after.last_inference > 0 and after.inference_stats.success.ns > before.inference_stats.success.ns
 
     index = client.get_model_repository_index()
