@@ -257,7 +257,7 @@ class InferenceServicer:
                     responses = self._sequence(model, request, parameters, prompt, deadline, streaming)
                 else:
                     params = parameters.decoding_params(self._limits, single_result=True)
-                    stream = model.engine.submit(GenerationRequest(request_id_var.get(), model.encode_prompt(prompt),
+                    stream = model.engine.submit(GenerationRequest(_request_id(request), model.encode_prompt(prompt),
                                                                    params, deadline=deadline))
                     responses = self._generation(model, request, stream, deadline, streaming, started)
                 async for response in responses:
@@ -291,7 +291,7 @@ class InferenceServicer:
         streams = []
         try:
             for index, source_ids in enumerate(encoded):
-                streams.append(model.engine.submit(TranslationRequest(f"{request_id_var.get()}/{index}", source_ids,
+                streams.append(model.engine.submit(TranslationRequest(f"{_request_id(request)}/{index}", source_ids,
                                                                       params, False, deadline)))
             finishes = await asyncio.gather(*(stream.result() for stream in streams))
         finally:
@@ -389,7 +389,7 @@ class InferenceServicer:
         session_id = self._sequences[key]
         try:
             if params is not None:
-                generation = self._sessions.generate(session_id, params, request_id=request_id_var.get())
+                generation = self._sessions.generate(session_id, params, request_id=_request_id(request))
                 await generation.ready()
                 async for response in self._generation(model, request, generation, deadline, streaming, started):
                     tensors.set_parameter(response, "sequence_id", str(sequence.id))
@@ -471,6 +471,11 @@ def _keep_outputs(response, names: tuple[str, ...]) -> None:
     del response.raw_output_contents[:]
     response.outputs.extend(outputs)
     response.raw_output_contents.extend(raw for _, raw in kept)
+
+
+def _request_id(request) -> str:
+    """The call's request id, with the client's id of this request when it gave one (a stream has many)."""
+    return f"{request_id_var.get()}/{request.id}"[:128] if request.id else request_id_var.get()
 
 
 def _version(text: str, field: str) -> int:
