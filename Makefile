@@ -19,7 +19,13 @@ $(VENV)/.installed: pyproject.toml $(VENV)/.installed-serve
 	$(PY) -m pip install -q -e '.[train,dev,bench]'
 	touch $@
 
-setup: $(VENV)/.installed
+# protobuf 7 beside the venv's protobuf 6 (tritonclient[grpc] pins <7): tests/proto/test_protobuf_versions.py
+# runs the server with it first on the path, so the stubs are tested on both majors.
+$(VENV)/protobuf7/.installed: pyproject.toml $(VENV)/.installed
+	$(PY) -m pip install -q --no-deps --upgrade --target $(VENV)/protobuf7 'protobuf>=7.35.1,<8'
+	touch $@
+
+setup: $(VENV)/.installed $(VENV)/protobuf7/.installed
 
 # Debian packages for the corpora and the Prometheus scrape test (root, or sudo, needed once).
 setup-system:

@@ -1,6 +1,12 @@
 #!/usr/bin/env bash
 # Generates the Python stubs of the seqserve.v1 API (seqserve/v1/*_pb2*.py[i]) from
-# proto/seqserve/v1/*.proto. This script is the only way the stubs are made; never edit them by hand.
+# proto/seqserve/v1/*.proto, and the descriptor set of the Open Inference Protocol subset
+# (seqserve/inference/inference.binpb) from proto/inference/*.proto. This script is the only way either
+# is made; never edit them by hand.
+#
+# The inference protos (package `inference`) become a descriptor set, not _pb2 modules: tritonclient
+# registers its own `inference` messages in protobuf's default pool, and a second definition of the same
+# names there fails to load; seqserve.inference builds its classes in a private pool from this file.
 #
 # Usage: proto/generate.sh [OUT_DIR]
 #   OUT_DIR defaults to the repository root, where the stubs are committed; the freshness test passes
@@ -34,3 +40,8 @@ rm -f "$out_dir"/seqserve/v1/*_pb2.py "$out_dir"/seqserve/v1/*_pb2.pyi "$out_dir
     -Iproto -I"${includes[0]}" -I"${includes[1]}" \
     --python_out="$out_dir" --pyi_out="$out_dir" --grpc_python_out="$out_dir" \
     proto/seqserve/v1/*.proto
+
+mkdir -p "$out_dir/seqserve/inference"
+"$python" -m grpc_tools.protoc \
+    -Iproto --include_imports --descriptor_set_out="$out_dir/seqserve/inference/inference.binpb" \
+    proto/inference/*.proto

@@ -35,6 +35,7 @@ from seqserve.v1 import service_pb2_grpc as pb_grpc
 from server.api.auth import BearerTokens, TokenFileError
 from server.api.convert import RequestLimits
 from server.api.errors import SERVICE, StatusInterceptor, request_id_var
+from server.api.inference import InferenceServicer, add_to_server
 from server.api.servicer import SeqserveServicer
 from server.config import ConfigError, ServerConfig
 from server.engine import EngineConfig
@@ -126,6 +127,8 @@ class App:
         pb_grpc.add_SeqserveServicer_to_server(
             SeqserveServicer(self.registry, _limits(config), observe_tokens=self._observe_tokens,
                              sessions=self.sessions), server)
+        add_to_server(InferenceServicer(self.registry, _limits(config), sessions=self.sessions,
+                                        observe_tokens=self._observe_tokens), server)  # KServe v2 / Triton
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (service_pb2.DESCRIPTOR.services_by_name["Seqserve"].full_name, health.SERVICE_NAME,

@@ -1,5 +1,3 @@
-import datetime
-
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -83,7 +81,7 @@ class Manifest(_message.Message):
     sha256: _containers.ScalarMap[str, str]
     created_at: _timestamp_pb2.Timestamp
     training: _containers.ScalarMap[str, str]
-    def __init__(self, schema_version: _Optional[int] = ..., name: _Optional[str] = ..., version: _Optional[int] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., cell: _Optional[str] = ..., sizes: _Optional[_Union[ModelSizes, _Mapping]] = ..., special_tokens: _Optional[_Union[SpecialTokens, _Mapping]] = ..., tokenizers: _Optional[_Mapping[str, str]] = ..., graphs: _Optional[_Iterable[_Union[Graph, _Mapping]]] = ..., opset: _Optional[int] = ..., onnxruntime_version: _Optional[str] = ..., torch_version: _Optional[str] = ..., parity: _Optional[_Iterable[_Union[ParityReport, _Mapping]]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., sha256: _Optional[_Mapping[str, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., training: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    def __init__(self, schema_version: _Optional[int] = ..., name: _Optional[str] = ..., version: _Optional[int] = ..., kind: _Optional[_Union[ModelKind, str]] = ..., cell: _Optional[str] = ..., sizes: _Optional[_Union[ModelSizes, _Mapping]] = ..., special_tokens: _Optional[_Union[SpecialTokens, _Mapping]] = ..., tokenizers: _Optional[_Mapping[str, str]] = ..., graphs: _Optional[_Iterable[_Union[Graph, _Mapping]]] = ..., opset: _Optional[int] = ..., onnxruntime_version: _Optional[str] = ..., torch_version: _Optional[str] = ..., parity: _Optional[_Iterable[_Union[ParityReport, _Mapping]]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., sha256: _Optional[_Mapping[str, str]] = ..., created_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., training: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ModelSizes(_message.Message):
     __slots__ = ("embedding_size", "hidden_size", "num_layers", "vocab_size", "source_vocab_size", "encoder_hidden_size", "encoder_layers", "bidirectional_encoder", "attention", "input_feeding", "tie_weights")
@@ -109,7 +107,7 @@ class ModelSizes(_message.Message):
     attention: str
     input_feeding: bool
     tie_weights: bool
-    def __init__(self, embedding_size: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., vocab_size: _Optional[int] = ..., source_vocab_size: _Optional[int] = ..., encoder_hidden_size: _Optional[int] = ..., encoder_layers: _Optional[int] = ..., bidirectional_encoder: _Optional[bool] = ..., attention: _Optional[str] = ..., input_feeding: _Optional[bool] = ..., tie_weights: _Optional[bool] = ...) -> None: ...
+    def __init__(self, embedding_size: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., vocab_size: _Optional[int] = ..., source_vocab_size: _Optional[int] = ..., encoder_hidden_size: _Optional[int] = ..., encoder_layers: _Optional[int] = ..., bidirectional_encoder: bool = ..., attention: _Optional[str] = ..., input_feeding: bool = ..., tie_weights: bool = ...) -> None: ...
 
 class SpecialTokens(_message.Message):
     __slots__ = ("pad_id", "bos_id", "eos_id", "unk_id")
@@ -191,4 +189,4 @@ class ParityReport(_message.Message):
     passed: bool
     quality_delta: _containers.ScalarMap[str, float]
     thresholds: _containers.ScalarMap[str, float]
-    def __init__(self, variant: _Optional[str] = ..., max_abs_diff_log_probs: _Optional[float] = ..., max_abs_diff_state: _Optional[float] = ..., cases: _Optional[_Iterable[str]] = ..., greedy_checked: _Optional[int] = ..., greedy_matched: _Optional[int] = ..., beam_checked: _Optional[int] = ..., beam_matched: _Optional[int] = ..., providers: _Optional[_Iterable[str]] = ..., passed: _Optional[bool] = ..., quality_delta: _Optional[_Mapping[str, float]] = ..., thresholds: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    def __init__(self, variant: _Optional[str] = ..., max_abs_diff_log_probs: _Optional[float] = ..., max_abs_diff_state: _Optional[float] = ..., cases: _Optional[_Iterable[str]] = ..., greedy_checked: _Optional[int] = ..., greedy_matched: _Optional[int] = ..., beam_checked: _Optional[int] = ..., beam_matched: _Optional[int] = ..., providers: _Optional[_Iterable[str]] = ..., passed: bool = ..., quality_delta: _Optional[_Mapping[str, float]] = ..., thresholds: _Optional[_Mapping[str, float]] = ...) -> None: ...

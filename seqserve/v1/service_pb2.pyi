@@ -1,5 +1,3 @@
-import datetime
-
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.rpc import status_pb2 as _status_pb2
 from seqserve.v1 import manifest_pb2 as _manifest_pb2
@@ -69,7 +67,7 @@ class DecodingOptions(_message.Message):
     no_repeat_ngram_size: int
     return_log_probs: bool
     top_log_probs: int
-    def __init__(self, strategy: _Optional[_Union[DecodingOptions.Strategy, str]] = ..., max_new_tokens: _Optional[int] = ..., min_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., beam_size: _Optional[int] = ..., length_penalty: _Optional[float] = ..., n_best: _Optional[int] = ..., early_stopping: _Optional[bool] = ..., stop: _Optional[_Iterable[str]] = ..., repetition_penalty: _Optional[float] = ..., no_repeat_ngram_size: _Optional[int] = ..., return_log_probs: _Optional[bool] = ..., top_log_probs: _Optional[int] = ...) -> None: ...
+    def __init__(self, strategy: _Optional[_Union[DecodingOptions.Strategy, str]] = ..., max_new_tokens: _Optional[int] = ..., min_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., beam_size: _Optional[int] = ..., length_penalty: _Optional[float] = ..., n_best: _Optional[int] = ..., early_stopping: bool = ..., stop: _Optional[_Iterable[str]] = ..., repetition_penalty: _Optional[float] = ..., no_repeat_ngram_size: _Optional[int] = ..., return_log_probs: bool = ..., top_log_probs: _Optional[int] = ...) -> None: ...
 
 class TokenLogProb(_message.Message):
     __slots__ = ("token_id", "token", "log_prob")
@@ -145,7 +143,7 @@ class TranslateRequest(_message.Message):
     options: DecodingOptions
     return_attention: bool
     request_id: str
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., sources: _Optional[_Iterable[str]] = ..., options: _Optional[_Union[DecodingOptions, _Mapping]] = ..., return_attention: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., sources: _Optional[_Iterable[str]] = ..., options: _Optional[_Union[DecodingOptions, _Mapping]] = ..., return_attention: bool = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class Translation(_message.Message):
     __slots__ = ("hypotheses", "source_tokens", "source_token_ids")
@@ -181,7 +179,7 @@ class TranslateStreamRequest(_message.Message):
     options: DecodingOptions
     return_attention: bool
     request_id: str
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., source: _Optional[str] = ..., options: _Optional[_Union[DecodingOptions, _Mapping]] = ..., return_attention: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., source: _Optional[str] = ..., options: _Optional[_Union[DecodingOptions, _Mapping]] = ..., return_attention: bool = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class TranslateStreamResponse(_message.Message):
     __slots__ = ("chunk", "done")
@@ -285,7 +283,7 @@ class Session(_message.Message):
     ttl_seconds: int
     state_bytes: int
     generating: bool
-    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., tokens_consumed: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_used_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., age_seconds: _Optional[float] = ..., idle_seconds: _Optional[float] = ..., ttl_seconds: _Optional[int] = ..., state_bytes: _Optional[int] = ..., generating: _Optional[bool] = ...) -> None: ...
+    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., tokens_consumed: _Optional[int] = ..., created_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., last_used_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., age_seconds: _Optional[float] = ..., idle_seconds: _Optional[float] = ..., ttl_seconds: _Optional[int] = ..., state_bytes: _Optional[int] = ..., generating: bool = ...) -> None: ...
 
 class FeedRequest(_message.Message):
     __slots__ = ("session_id", "text", "return_log_probs")
@@ -295,7 +293,7 @@ class FeedRequest(_message.Message):
     session_id: str
     text: str
     return_log_probs: bool
-    def __init__(self, session_id: _Optional[str] = ..., text: _Optional[str] = ..., return_log_probs: _Optional[bool] = ...) -> None: ...
+    def __init__(self, session_id: _Optional[str] = ..., text: _Optional[str] = ..., return_log_probs: bool = ...) -> None: ...
 
 class FeedResponse(_message.Message):
     __slots__ = ("tokens_fed", "tokens_consumed", "token_log_probs")
@@ -317,7 +315,7 @@ class GenerateInSessionRequest(_message.Message):
     options: DecodingOptions
     leave_session_unchanged: bool
     request_id: str
-    def __init__(self, session_id: _Optional[str] = ..., options: _Optional[_Union[DecodingOptions, _Mapping]] = ..., leave_session_unchanged: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, session_id: _Optional[str] = ..., options: _Optional[_Union[DecodingOptions, _Mapping]] = ..., leave_session_unchanged: bool = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class ForkSessionRequest(_message.Message):
     __slots__ = ("session_id", "ttl_seconds")
@@ -399,7 +397,7 @@ class ModelSummary(_message.Message):
     latest_version: int
     kind: _manifest_pb2.ModelKind
     ready: bool
-    def __init__(self, name: _Optional[str] = ..., versions: _Optional[_Iterable[int]] = ..., latest_version: _Optional[int] = ..., kind: _Optional[_Union[_manifest_pb2.ModelKind, str]] = ..., ready: _Optional[bool] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., versions: _Optional[_Iterable[int]] = ..., latest_version: _Optional[int] = ..., kind: _Optional[_Union[_manifest_pb2.ModelKind, str]] = ..., ready: bool = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
@@ -431,4 +429,4 @@ class ModelInfo(_message.Message):
     requested_providers: _containers.RepeatedScalarFieldContainer[str]
     variant: str
     ready: bool
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., manifest: _Optional[_Union[_manifest_pb2.Manifest, _Mapping]] = ..., providers: _Optional[_Iterable[str]] = ..., requested_providers: _Optional[_Iterable[str]] = ..., variant: _Optional[str] = ..., ready: _Optional[bool] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., manifest: _Optional[_Union[_manifest_pb2.Manifest, _Mapping]] = ..., providers: _Optional[_Iterable[str]] = ..., requested_providers: _Optional[_Iterable[str]] = ..., variant: _Optional[str] = ..., ready: bool = ...) -> None: ...

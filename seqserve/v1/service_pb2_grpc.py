@@ -5,7 +5,7 @@ import warnings
 
 from seqserve.v1 import service_pb2 as seqserve_dot_v1_dot_service__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.72.2'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -18,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in seqserve/v1/service_pb2_grpc.py depends on'
+        + f' but the generated code in seqserve/v1/service_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class SeqserveStub:
+class SeqserveStub(object):
     """Seqserve serves recurrent language models and attention seq2seq translators exported as bundles.
     """
 
@@ -97,7 +97,7 @@ class SeqserveStub:
                 _registered_method=True)
 
 
-class SeqserveServicer:
+class SeqserveServicer(object):
     """Seqserve serves recurrent language models and attention seq2seq translators exported as bundles.
     """
 
@@ -275,7 +275,7 @@ def add_SeqserveServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class Seqserve:
+class Seqserve(object):
     """Seqserve serves recurrent language models and attention seq2seq translators exported as bundles.
     """
 

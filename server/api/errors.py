@@ -40,6 +40,7 @@ from server.errors import (
 logger = logging.getLogger(__name__)
 
 SERVICE = "seqserve.v1.Seqserve"
+INFERENCE_SERVICE = "inference.GRPCInferenceService"  # the Open Inference Protocol, served alike
 ERROR_DOMAIN = "seqserve.v1"
 REQUEST_ID_HEADER = "x-request-id"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/-]{1,128}")
@@ -141,7 +142,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or not method.startswith(f"/{SERVICE}/"):
+        if handler is None or method.split("/")[1:2] not in ([SERVICE], [INFERENCE_SERVICE]):
             return handler
         rpc = method.rsplit("/", 1)[1]
         deserializer = _safe_deserializer(handler.request_deserializer)
@@ -207,7 +208,7 @@ class _Call:
     def __init__(self, owner: StatusInterceptor, rpc: str, request, context, streaming_request: bool):
         self.owner, self.rpc, self.context = owner, rpc, context
         self.request = _checked_stream(request) if streaming_request else request
-        self.model = "" if streaming_request else getattr(request, "model", "")
+        self.model = "" if streaming_request else getattr(request, "model", "") or getattr(request, "model_name", "")
         self.started = time.perf_counter()
         self.entered = False
         metadata = dict(context.invocation_metadata() or ())

@@ -1,4 +1,5 @@
-"""The committed seqserve/v1 stubs are what proto/generate.sh makes, and the protos follow the style rules."""
+"""The committed seqserve/v1 stubs and inference descriptor set are what proto/generate.sh makes, and the
+protos follow the style rules."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from grpc_tools import protoc  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 PROTO_DIR = REPO / "proto" / "seqserve" / "v1"
 STUBS_DIR = REPO / "seqserve" / "v1"
+INFERENCE_SET = Path("seqserve") / "inference" / "inference.binpb"
 STREAMING_WORDS = ("Unary.", "Server streaming", "Bidirectional streaming")
 
 
@@ -37,6 +39,8 @@ def test_committed_stubs_are_fresh(tmp_path: Path) -> None:
     assert sorted(generated) == sorted(committed), f"stub files differ; {advice}"
     stale = [name for name in generated if generated[name] != committed[name]]
     assert not stale, f"stale stubs {stale}; {advice}"
+    assert (tmp_path / INFERENCE_SET).read_bytes() == (REPO / INFERENCE_SET).read_bytes(), \
+        f"stale {INFERENCE_SET}; {advice}"
 
 
 def _descriptors(tmp_path: Path) -> descriptor_pb2.FileDescriptorSet:
