@@ -257,8 +257,9 @@ class InferenceServicer:
                     responses = self._sequence(model, request, parameters, prompt, deadline, streaming)
                 else:
                     params = parameters.decoding_params(self._limits, single_result=True)
-                    stream = model.engine.submit(GenerationRequest(_request_id(request), model.encode_prompt(prompt),
-                                                                   params, deadline=deadline))
+                    prompt_ids = await model.encode_prompt(prompt)
+                    stream = model.engine.submit(GenerationRequest(_request_id(request), prompt_ids, params,
+                                                                   deadline=deadline))
                     responses = self._generation(model, request, stream, deadline, streaming, started)
                 async for response in responses:
                     _keep_outputs(response, outputs)
@@ -283,11 +284,11 @@ class InferenceServicer:
         outputs = tensors.requested_outputs(request, _SEQ2SEQ_OUTPUTS)
         sources, shape = tensors.text_input(request, max_items=self._limits.max_sources, one=False)
         params = parameters.decoding_params(self._limits, single_result=False)
-        encoded = []
-        for index, text in enumerate(sources):
+        for index, text in enumerate(sources):  # every check first: nothing is tokenized when one is refused
             if not text.strip():
                 raise InvalidArgument(field=f"{tensors.TEXT}[{index}]", value=text, allowed="a non-empty text")
-            encoded.append(model.encode_source(text, f"{tensors.TEXT}[{index}]"))
+            model.check_source_chars(text, f"{tensors.TEXT}[{index}]")
+        encoded = [await model.encode_source(text, f"{tensors.TEXT}[{index}]") for index, text in enumerate(sources)]
         streams = []
         try:
             for index, source_ids in enumerate(encoded):
