@@ -147,20 +147,23 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         rpc = method.rsplit("/", 1)[1]
         deserializer = _safe_deserializer(handler.request_deserializer)
         serializer = handler.response_serializer
+        arrival = _Arrival(self, rpc)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(rpc, handler.unary_unary), deserializer, serializer)
+                self._wrap_unary(rpc, handler.unary_unary, arrival), deserializer, serializer)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(rpc, handler.unary_stream), deserializer, serializer)
+                self._wrap_stream(rpc, handler.unary_stream, arrival), deserializer, serializer)
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                self._wrap_unary(rpc, handler.stream_unary, streaming_request=True), deserializer, serializer)
+                self._wrap_unary(rpc, handler.stream_unary, arrival, streaming_request=True), deserializer,
+                serializer)
         return grpc.stream_stream_rpc_method_handler(
-            self._wrap_stream(rpc, handler.stream_stream, streaming_request=True), deserializer, serializer)
+            self._wrap_stream(rpc, handler.stream_stream, arrival, streaming_request=True), deserializer, serializer)
 
-    def _wrap_unary(self, rpc: str, behavior, streaming_request: bool = False):
+    def _wrap_unary(self, rpc: str, behavior, arrival: _Arrival, streaming_request: bool = False):
         async def unary(request, context):
+            arrival.started = True
             call = _Call(self, rpc, request, context, streaming_request)
             try:
                 await call.begin()
@@ -173,10 +176,11 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
 
         return unary
 
-    def _wrap_stream(self, rpc: str, behavior, streaming_request: bool = False):
+    def _wrap_stream(self, rpc: str, behavior, arrival: _Arrival, streaming_request: bool = False):
         # A coroutine that writes each response itself (grpc.aio's reader/writer form) rather than an async
         # generator that grpc iterates: one generator frame less to resume for every streamed message.
         async def stream(request, context):
+            arrival.started = True
             call = _Call(self, rpc, request, context, streaming_request)
             responses = None
             writing = False
@@ -200,6 +204,27 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
                     await responses.aclose()  # a no-op once it ended; else its cleanup runs now
 
         return stream
+
+
+class _Arrival:
+    """A call gRPC accepted. One that its client ends before gRPC starts our handler never reaches `_Call`: it
+    is counted here when gRPC lets go of its handler, so every call that arrived is counted exactly once. It
+    counts as DEADLINE_EXCEEDED: the server cannot tell a passed deadline from a cancellation (both reach
+    it as a reset stream), and a call ended before its request was even read is almost always one whose
+    deadline was shorter than the queue in front of it."""
+
+    __slots__ = ("owner", "rpc", "arrived", "started")
+
+    def __init__(self, owner: StatusInterceptor, rpc: str):
+        self.owner, self.rpc, self.arrived, self.started = owner, rpc, time.perf_counter(), False
+
+    def __del__(self):
+        if self.started:
+            return
+        try:
+            self.owner._observe(self.rpc, "", "DEADLINE_EXCEEDED", time.perf_counter() - self.arrived)
+        except Exception:  # noqa: S110 - nothing may escape a finaliser
+            pass
 
 
 class _Call:

@@ -282,3 +282,36 @@ def test_a_deadline_that_passes_before_the_call_starts_is_deadline_exceeded_not_
 async def _drain(call) -> None:
     async for _ in call:
         pass
+
+
+def test_a_call_ended_before_its_handler_starts_is_counted_once(monkeypatch):
+    # gRPC accepted the call (the interceptor saw it), then the client's deadline ended it before the handler
+    # ran: made certain here by holding every handler back until its call is over.
+    wrap = StatusInterceptor._wrap_stream
+
+    def held_back(self, rpc, behavior, arrival, streaming_request=False):
+        wrapped = wrap(self, rpc, behavior, arrival, streaming_request)
+
+        async def never_started(request, context):
+            while not context.cancelled() and (context.time_remaining() or 1) > 0:
+                await asyncio.sleep(0.005)
+            # gRPC would not have started the handler at all: leave as if it never ran
+            raise asyncio.CancelledError
+
+        return never_started if behavior.__name__ == "Generate" else wrapped
+
+    monkeypatch.setattr(StatusInterceptor, "_wrap_stream", held_back)
+
+    async def calls(channel):
+        stub = pb_grpc.SeqserveStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await _drain(stub.Generate(pb.GenerateRequest(model="x"), timeout=0.05))
+        return caught.value.code()
+
+    code, observed = serve_and_call(calls)
+    for _ in range(100):
+        if observed:
+            break
+        time.sleep(0.01)
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert [call[:3] for call in observed] == [("Generate", "", "DEADLINE_EXCEEDED")]
