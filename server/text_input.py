@@ -1,8 +1,10 @@
 """Request text to token ids, without letting one request stall the server.
 
-A text is measured before it is tokenized: no token of a tokenizer's vocabulary spells more than its
-longest entry, so a text longer than `max_input_tokens` times that many characters is refused at once
-(tokenizing 4 MB would hold the event loop for seconds). What passes the cap is tokenized on a worker
+A text is measured before it is tokenized: a token rarely covers more characters than the longest entry of
+its vocabulary, so a text longer than `max_input_tokens` times that many characters is refused at once
+(tokenizing 4 MB would hold the event loop for seconds). The cap is a documented limit rather than a
+proof: a text that would tokenize short (runs of spaces a pre-tokenizer drops, one long unknown word
+that becomes a single <unk>) is refused by it all the same. What passes the cap is tokenized on a worker
 thread when it is long enough to matter; `encode_batch` releases the GIL while it runs, so the event loop
 goes on serving everyone else meanwhile.
 """
