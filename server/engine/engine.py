@@ -205,7 +205,8 @@ class ModelEngine:
             for entry, _, _ in result.feeds:
                 self._scheduler.finish(entry.slot)
         self._count_step(result)
-        if not (result.events or result.feeds or result.dropped or plan.drop or plan.expired or plan.withdrawn):
+        if not (result.events or result.tokens or result.feeds or result.dropped or plan.drop or plan.expired
+                or plan.withdrawn):
             return _OK  # nothing to deliver: spare the event loop a wake-up
         return _OK if self._post(plan, result, [], None) else _LOOP_GONE
 
@@ -267,7 +268,7 @@ class ModelEngine:
         for entry, state, log_probs in result.feeds:
             if not entry.future.done():
                 entry.future.set_result((state, log_probs))
-        for entry, event in result.events:
+        for entry, event in result.all_events():  # plain rows' token events are made here, on this thread
             entry.stream.put(event)
         for entry in failed:
             self._end(entry, failure, "error")
