@@ -1,18 +1,27 @@
-"""How much the engine adds to ONNX Runtime's own decode step, at 1, 8, 64 and 128 concurrent greedy streams.
+"""How much the engine adds to ONNX Runtime's own decode step, in process (no gRPC), at several row counts.
 
-Builds an LSTM LM bundle with random weights (E=256, H=512, 2 layers, V=8000), then for each batch size:
-- engine: N greedy streams (each consumed by its own task, as the gRPC layer would), every stream
-  forced to generate exactly --tokens tokens; tokens/s and wall time per step;
-- bare: the same model's decode step through ONNX Runtime alone, on a batch of N rows.
-Prints a Markdown table with the ratio engine step / bare step.
+Builds an LSTM LM bundle with random weights (E=256, H=512, 2 layers, V=8000; or reuses --bundle), then
+for each row count N, --repeats times (engine and bare interleaved, so load from other processes hits
+both alike; medians reported):
+- engine: N greedy streams submitted together (each consumed by its own task, as the gRPC layer would),
+  every stream forced to generate exactly --tokens tokens. Each decode call of the runner is timed:
+  `decode_ms` is the median call on all N rows, `whole_step_ms` the median time from the start of one
+  such call to the start of the next (everything the engine does per step: the call, choosing, text,
+  events, delivery, waiting for the GIL); `tokens_per_s` counts the whole run (prefill included);
+  `ttft_steps` is the median time to first token over the median whole step;
+- bare: the same model's decode step through ONNX Runtime alone (the runner's call, nothing else) on N
+  rows, the same session options.
+Prints a Markdown table, or with --json one JSON object per row count (rows, bare_ms, decode_ms,
+whole_step_ms, the ratios to bare_ms, tokens_per_s, bare_tokens_per_s, ttft_steps, repeats).
 
-    python bench/engine_overhead.py [--tokens 64] [--batches 1,8,64,128] [--providers CUDAExecutionProvider,...]
+    python bench/engine_overhead.py [--tokens 64] [--batches 1,8,32,128] [--repeats 3] [--threads 1] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import statistics
 import sys
 import tempfile
@@ -20,28 +29,31 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from exporters.bundle import TOKENIZER_FILES, model_sizes, special_tokens  # noqa: E402
-from exporters.onnx_graphs import OPSET, export_graphs  # noqa: E402
-from seqserve.v1.manifest_pb2 import Manifest, ModelKind  # noqa: E402
-from server.bundle import load_bundle, sha256_file, write_manifest  # noqa: E402
+from server.bundle import load_bundle  # noqa: E402
 from server.decoding import DecodingParams  # noqa: E402
 from server.engine import EngineConfig, GenerationRequest, ModelEngine, TokenEvent  # noqa: E402
 from server.engine.batch import DecodeBatch  # noqa: E402
 from server.engine.runner import Runner  # noqa: E402
 from server.metrics import Metrics  # noqa: E402
-from training.models import LanguageModel, LMArgs  # noqa: E402
-from training.tokenizer import train_tokenizer  # noqa: E402
 
 BOS = 1
 
 
 def build_bundle(directory: Path) -> Path:
     """An untrained LSTM LM exported as a loadable bundle (no parity check: there is nothing to compare)."""
+    import onnxruntime
+    import torch
+
+    from exporters.bundle import TOKENIZER_FILES, model_sizes, special_tokens
+    from exporters.onnx_graphs import OPSET, export_graphs
+    from seqserve.v1.manifest_pb2 import Manifest, ModelKind
+    from server.bundle import sha256_file, write_manifest
+    from training.models import LanguageModel, LMArgs
+    from training.tokenizer import train_tokenizer
+
     torch.manual_seed(0)
     model = LanguageModel(LMArgs(vocab_size=8000, cell="lstm", embedding_size=256, hidden_size=512,
                                  num_layers=2, dropout=0.0)).eval()
@@ -63,26 +75,42 @@ def build_bundle(directory: Path) -> Path:
 async def engine_run(bundle, streams: int, tokens: int) -> dict:
     metrics = Metrics()
     engine = ModelEngine(bundle, EngineConfig(max_rows=max(streams, 1), max_new_tokens=tokens), metrics)
+    calls: list[tuple[float, float, int]] = []  # (start, end, rows) of every decode call
+    decode = engine.runner.decode
+
+    def timed_decode(batch):
+        started = time.perf_counter()
+        outputs = decode(batch)
+        calls.append((started, time.perf_counter(), len(batch)))
+        return outputs
+
+    engine.runner.decode = timed_decode  # the engine's core calls its runner through this attribute
     await engine.start()
     params = DecodingParams(max_new_tokens=tokens, min_new_tokens=tokens)  # no early <eos>: fixed work
 
-    async def consume(stream):
-        count = 0
+    async def consume(stream, submitted: float) -> tuple[int, float]:
+        count, first = 0, None
         async for event in stream:
             if isinstance(event, TokenEvent):
                 count += len(event.token_ids)
-        return count
+                if first is None and event.token_ids:
+                    first = time.perf_counter() - submitted
+        return count, first
 
     # Warm up (first-call allocations), then measure.
-    await consume(engine.submit(GenerationRequest("warm", [BOS], DecodingParams(max_new_tokens=4))))
-    ort_before = metrics.decode_step_duration_seconds.labels(model=engine.name)._sum.get()
+    await consume(engine.submit(GenerationRequest("warm", [BOS], DecodingParams(max_new_tokens=4))), 0.0)
+    calls.clear()
     started = time.perf_counter()
     handles = [engine.submit(GenerationRequest(f"s{i}", [BOS], params)) for i in range(streams)]
-    counts = await asyncio.gather(*(consume(h) for h in handles))
+    results = await asyncio.gather(*(consume(h, started) for h in handles))
     wall = time.perf_counter() - started
     await engine.stop(1.0)
-    ort = metrics.decode_step_duration_seconds.labels(model=engine.name)._sum.get() - ort_before
-    return {"tokens_per_s": sum(counts) / wall, "step_s": wall / tokens, "ort_step_s": ort / tokens}
+    full = [(start, end) for start, end, rows in calls if rows == streams]
+    whole = statistics.median(b[0] - a[0] for a, b in zip(full, full[1:], strict=False))
+    return {"tokens_per_s": sum(count for count, _ in results) / wall,
+            "decode_s": statistics.median(end - start for start, end in full),
+            "whole_step_s": whole,
+            "ttft_steps": statistics.median(first for _, first in results) / whole}
 
 
 def bare_step(bundle, rows: int, repeats: int) -> float:
@@ -99,26 +127,48 @@ def bare_step(bundle, rows: int, repeats: int) -> float:
     return statistics.median(times)
 
 
+def measure(bundle, streams: int, tokens: int, repeats: int) -> dict:
+    """Engine and bare step on `streams` rows, interleaved `repeats` times; medians."""
+    runs, bares = [], []
+    for _ in range(repeats):
+        runs.append(asyncio.run(engine_run(bundle, streams, tokens)))
+        bares.append(bare_step(bundle, streams, repeats=max(10, tokens // 2)))
+    median = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+    bare = statistics.median(bares)
+    return {"rows": streams, "bare_ms": bare * 1e3, "decode_ms": median["decode_s"] * 1e3,
+            "whole_step_ms": median["whole_step_s"] * 1e3, "decode_over_bare": median["decode_s"] / bare,
+            "whole_step_over_bare": median["whole_step_s"] / bare, "tokens_per_s": median["tokens_per_s"],
+            "bare_tokens_per_s": streams / bare, "ttft_steps": median["ttft_steps"], "repeats": repeats}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=64, help="tokens generated by every stream")
-    parser.add_argument("--batches", default="1,8,64,128", help="concurrent streams, comma-separated")
+    parser.add_argument("--batches", default="1,8,32,128", help="concurrent streams, comma-separated")
+    parser.add_argument("--repeats", type=int, default=3, help="engine and bare runs per row count (medians)")
     parser.add_argument("--providers", default="CPUExecutionProvider", help="ONNX Runtime providers, in order")
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
+    parser.add_argument("--bundle", type=Path, help="a bundle directory to use (default: build one, in a temp dir)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per row count instead of a table")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        path = build_bundle(Path(tmp))
+        path = args.bundle if args.bundle is not None else build_bundle(Path(tmp))
         bundle = load_bundle(path, args.providers.split(","), {"intra_op_num_threads": args.threads})
-        print(f"providers: {list(bundle.providers)}; {args.tokens} tokens per stream\n")
-        print("| streams | engine tokens/s | engine step (ms) | ORT inside engine (ms) | bare ORT step (ms) "
-              "| engine step / bare step |")
-        print("|---:|---:|---:|---:|---:|---:|")
+        if not args.json:
+            print(f"providers: {list(bundle.providers)}; {args.tokens} tokens per stream; medians of "
+                  f"{args.repeats}\n")
+            print("| rows | engine tokens/s | bare tokens/s | decode call ms | whole step ms | bare step ms "
+                  "| decode / bare | whole step / bare | TTFT steps |")
+            print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for streams in (int(b) for b in args.batches.split(",")):
-            engine = asyncio.run(engine_run(bundle, streams, args.tokens))
-            bare = bare_step(bundle, streams, repeats=max(10, args.tokens // 2))
-            print(f"| {streams} | {engine['tokens_per_s']:,.0f} | {engine['step_s'] * 1e3:.2f} "
-                  f"| {engine['ort_step_s'] * 1e3:.2f} | {bare * 1e3:.2f} "
-                  f"| {engine['step_s'] / bare:.2f} |", flush=True)
+            row = measure(bundle, streams, args.tokens, args.repeats)
+            if args.json:
+                print(json.dumps(row), flush=True)
+            else:
+                print(f"| {streams} | {row['tokens_per_s']:,.0f} | {row['bare_tokens_per_s']:,.0f} "
+                      f"| {row['decode_ms']:.2f} | {row['whole_step_ms']:.2f} | {row['bare_ms']:.2f} "
+                      f"| {row['decode_over_bare']:.2f} | {row['whole_step_over_bare']:.2f} "
+                      f"| {row['ttft_steps']:.1f} |", flush=True)
 
 
 if __name__ == "__main__":
