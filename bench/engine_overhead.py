@@ -8,11 +8,14 @@ both alike; medians reported):
   `decode_ms` is the median call on all N rows, `whole_step_ms` the median time from the start of one
   such call to the start of the next (everything the engine does per step: the call, choosing, text,
   events, delivery, waiting for the GIL); `tokens_per_s` counts the whole run (prefill included);
-  `ttft_steps` is the median time to first token over the median whole step;
+  `ttft_steps` is the median time to first token over the median whole step (every stream's prompt is
+  <bos> and --prompt-tokens - 1 more tokens, all arriving at once);
 - bare: the same model's decode step through ONNX Runtime alone (the runner's call, nothing else) on N
-  rows, the same session options.
+  rows, the same session options; and the prefill of the N prompts in one call (`bare_prefill_steps`:
+  its time over the bare step, the floor under `ttft_steps`).
 Prints a Markdown table, or with --json one JSON object per row count (rows, bare_ms, decode_ms,
-whole_step_ms, the ratios to bare_ms, tokens_per_s, bare_tokens_per_s, ttft_steps, repeats).
+whole_step_ms, the ratios to bare_ms, tokens_per_s, bare_tokens_per_s, ttft_steps, bare_prefill_steps,
+repeats).
 
     python bench/engine_overhead.py [--tokens 64] [--batches 1,8,32,128] [--repeats 3] [--threads 1] [--json]
 """
@@ -72,7 +75,11 @@ def build_bundle(directory: Path) -> Path:
     return bundle
 
 
-async def engine_run(bundle, streams: int, tokens: int) -> dict:
+def prompt(length: int) -> list[int]:
+    return [BOS] + [4 + i % 20 for i in range(length - 1)]
+
+
+async def engine_run(bundle, streams: int, tokens: int, prompt_tokens: int = 1) -> dict:
     metrics = Metrics()
     engine = ModelEngine(bundle, EngineConfig(max_rows=max(streams, 1), max_new_tokens=tokens), metrics)
     calls: list[tuple[float, float, int]] = []  # (start, end, rows) of every decode call
@@ -101,7 +108,7 @@ async def engine_run(bundle, streams: int, tokens: int) -> dict:
     await consume(engine.submit(GenerationRequest("warm", [BOS], DecodingParams(max_new_tokens=4))), 0.0)
     calls.clear()
     started = time.perf_counter()
-    handles = [engine.submit(GenerationRequest(f"s{i}", [BOS], params)) for i in range(streams)]
+    handles = [engine.submit(GenerationRequest(f"s{i}", prompt(prompt_tokens), params)) for i in range(streams)]
     results = await asyncio.gather(*(consume(h, started) for h in handles))
     wall = time.perf_counter() - started
     await engine.stop(1.0)
@@ -111,6 +118,18 @@ async def engine_run(bundle, streams: int, tokens: int) -> dict:
             "decode_s": statistics.median(end - start for start, end in full),
             "whole_step_s": whole,
             "ttft_steps": statistics.median(first for _, first in results) / whole}
+
+
+def bare_prefill(bundle, rows: int, prompt_tokens: int, repeats: int) -> float:
+    """Median seconds of the prefill of `rows` prompts in one call, first-token log-probs included."""
+    runner = Runner(bundle)
+    prompts = [prompt(prompt_tokens)] * rows
+    times = []
+    for _ in range(repeats + 1):
+        started = time.perf_counter()
+        runner.prefill(prompts, runner.zero_state(rows), want_last=True)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times[1:])
 
 
 def bare_step(bundle, rows: int, repeats: int) -> float:
@@ -127,18 +146,21 @@ def bare_step(bundle, rows: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure(bundle, streams: int, tokens: int, repeats: int) -> dict:
+def measure(bundle, streams: int, tokens: int, repeats: int, prompt_tokens: int = 1) -> dict:
     """Engine and bare step on `streams` rows, interleaved `repeats` times; medians."""
-    runs, bares = [], []
+    runs, bares, prefills = [], [], []
     for _ in range(repeats):
-        runs.append(asyncio.run(engine_run(bundle, streams, tokens)))
+        runs.append(asyncio.run(engine_run(bundle, streams, tokens, prompt_tokens)))
         bares.append(bare_step(bundle, streams, repeats=max(10, tokens // 2)))
+        prefills.append(bare_prefill(bundle, streams, prompt_tokens, repeats=3))
     median = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
     bare = statistics.median(bares)
     return {"rows": streams, "bare_ms": bare * 1e3, "decode_ms": median["decode_s"] * 1e3,
             "whole_step_ms": median["whole_step_s"] * 1e3, "decode_over_bare": median["decode_s"] / bare,
             "whole_step_over_bare": median["whole_step_s"] / bare, "tokens_per_s": median["tokens_per_s"],
-            "bare_tokens_per_s": streams / bare, "ttft_steps": median["ttft_steps"], "repeats": repeats}
+            "bare_tokens_per_s": streams / bare, "ttft_steps": median["ttft_steps"],
+            "bare_prefill_steps": statistics.median(prefills) / bare, "prompt_tokens": prompt_tokens,
+            "repeats": repeats}
 
 
 def main(argv=None) -> None:
@@ -146,6 +168,7 @@ def main(argv=None) -> None:
     parser.add_argument("--tokens", type=int, default=64, help="tokens generated by every stream")
     parser.add_argument("--batches", default="1,8,32,128", help="concurrent streams, comma-separated")
     parser.add_argument("--repeats", type=int, default=3, help="engine and bare runs per row count (medians)")
+    parser.add_argument("--prompt-tokens", type=int, default=1, help="tokens of every prompt, <bos> included")
     parser.add_argument("--providers", default="CPUExecutionProvider", help="ONNX Runtime providers, in order")
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
     parser.add_argument("--bundle", type=Path, help="a bundle directory to use (default: build one, in a temp dir)")
@@ -158,17 +181,17 @@ def main(argv=None) -> None:
             print(f"providers: {list(bundle.providers)}; {args.tokens} tokens per stream; medians of "
                   f"{args.repeats}\n")
             print("| rows | engine tokens/s | bare tokens/s | decode call ms | whole step ms | bare step ms "
-                  "| decode / bare | whole step / bare | TTFT steps |")
-            print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+                  "| decode / bare | whole step / bare | TTFT steps | bare prefill steps |")
+            print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for streams in (int(b) for b in args.batches.split(",")):
-            row = measure(bundle, streams, args.tokens, args.repeats)
+            row = measure(bundle, streams, args.tokens, args.repeats, args.prompt_tokens)
             if args.json:
                 print(json.dumps(row), flush=True)
             else:
                 print(f"| {streams} | {row['tokens_per_s']:,.0f} | {row['bare_tokens_per_s']:,.0f} "
                       f"| {row['decode_ms']:.2f} | {row['whole_step_ms']:.2f} | {row['bare_ms']:.2f} "
                       f"| {row['decode_over_bare']:.2f} | {row['whole_step_over_bare']:.2f} "
-                      f"| {row['ttft_steps']:.1f} |", flush=True)
+                      f"| {row['ttft_steps']:.1f} | {row['bare_prefill_steps']:.1f} |", flush=True)
 
 
 if __name__ == "__main__":
