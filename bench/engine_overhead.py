@@ -9,13 +9,16 @@ both alike; medians reported):
   such call to the start of the next (everything the engine does per step: the call, choosing, text,
   events, delivery, waiting for the GIL); `tokens_per_s` counts the whole run (prefill included);
   `ttft_steps` is the median time to first token over the median whole step (every stream's prompt is
-  <bos> and --prompt-tokens - 1 more tokens, all arriving at once);
+  <bos> and --prompt-tokens - 1 more tokens, all arriving at once). CPU time per step, which load from
+  other processes hardly changes: `decode_cpu_ms` (the decode calls), `worker_cpu_ms` (the engine's
+  worker thread outside the graph calls: planning, choosing, text, events), `loop_cpu_ms` (the asyncio thread:
+  delivery and the streams' consumers);
 - bare: the same model's decode step through ONNX Runtime alone (the runner's call, nothing else) on N
   rows, the same session options; and the prefill of the N prompts in one call (`bare_prefill_steps`:
   its time over the bare step, the floor under `ttft_steps`).
 Prints a Markdown table, or with --json one JSON object per row count (rows, bare_ms, decode_ms,
 whole_step_ms, the ratios to bare_ms, tokens_per_s, bare_tokens_per_s, ttft_steps, bare_prefill_steps,
-repeats).
+decode_cpu_ms, worker_cpu_ms, loop_cpu_ms, repeats).
 
     python bench/engine_overhead.py [--tokens 64] [--batches 1,8,32,128] [--repeats 3] [--threads 1] [--json]
 """
@@ -28,6 +31,7 @@ import json
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -83,15 +87,26 @@ async def engine_run(bundle, streams: int, tokens: int, prompt_tokens: int = 1) 
     metrics = Metrics()
     engine = ModelEngine(bundle, EngineConfig(max_rows=max(streams, 1), max_new_tokens=tokens), metrics)
     calls: list[tuple[float, float, int]] = []  # (start, end, rows) of every decode call
-    decode = engine.runner.decode
+    model_cpu: dict[tuple[str, int], float] = {}  # (call, thread id) -> CPU seconds inside the graph calls
+    decode, prefill = engine.runner.decode, engine.runner.prefill
 
     def timed_decode(batch):
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.thread_time()
         outputs = decode(batch)
         calls.append((started, time.perf_counter(), len(batch)))
+        key = ("decode", threading.get_ident())
+        model_cpu[key] = model_cpu.get(key, 0.0) + time.thread_time() - cpu
         return outputs
 
-    engine.runner.decode = timed_decode  # the engine's core calls its runner through this attribute
+    def timed_prefill(*args, **kwargs):
+        cpu = time.thread_time()
+        outputs = prefill(*args, **kwargs)
+        key = ("prefill", threading.get_ident())
+        model_cpu[key] = model_cpu.get(key, 0.0) + time.thread_time() - cpu
+        return outputs
+
+    # The engine's core calls its runner through these attributes.
+    engine.runner.decode, engine.runner.prefill = timed_decode, timed_prefill
     await engine.start()
     params = DecodingParams(max_new_tokens=tokens, min_new_tokens=tokens)  # no early <eos>: fixed work
 
@@ -107,17 +122,26 @@ async def engine_run(bundle, streams: int, tokens: int, prompt_tokens: int = 1) 
     # Warm up (first-call allocations), then measure.
     await consume(engine.submit(GenerationRequest("warm", [BOS], DecodingParams(max_new_tokens=4))), 0.0)
     calls.clear()
+    model_cpu.clear()
+    worker = engine._thread
+    worker_clock = time.pthread_getcpuclockid(worker.ident)
+    worker_before, loop_before = time.clock_gettime(worker_clock), time.thread_time()
     started = time.perf_counter()
     handles = [engine.submit(GenerationRequest(f"s{i}", prompt(prompt_tokens), params)) for i in range(streams)]
     results = await asyncio.gather(*(consume(h, started) for h in handles))
     wall = time.perf_counter() - started
+    worker_cpu, loop_cpu = time.clock_gettime(worker_clock) - worker_before, time.thread_time() - loop_before
     await engine.stop(1.0)
     full = [(start, end) for start, end, rows in calls if rows == streams]
     whole = statistics.median(b[0] - a[0] for a, b in zip(full, full[1:], strict=False))
     return {"tokens_per_s": sum(count for count, _ in results) / wall,
             "decode_s": statistics.median(end - start for start, end in full),
             "whole_step_s": whole,
-            "ttft_steps": statistics.median(first for _, first in results) / whole}
+            "ttft_steps": statistics.median(first for _, first in results) / whole,
+            "decode_cpu_s": sum(cpu for (call, _), cpu in model_cpu.items() if call == "decode") / tokens,
+            "worker_cpu_s": (worker_cpu - sum(cpu for (_, thread), cpu in model_cpu.items()
+                                              if thread == worker.ident)) / tokens,
+            "loop_cpu_s": loop_cpu / tokens}
 
 
 def bare_prefill(bundle, rows: int, prompt_tokens: int, repeats: int) -> float:
@@ -160,6 +184,7 @@ def measure(bundle, streams: int, tokens: int, repeats: int, prompt_tokens: int 
             "whole_step_over_bare": median["whole_step_s"] / bare, "tokens_per_s": median["tokens_per_s"],
             "bare_tokens_per_s": streams / bare, "ttft_steps": median["ttft_steps"],
             "bare_prefill_steps": statistics.median(prefills) / bare, "prompt_tokens": prompt_tokens,
+            **{f"{name}_ms": median[f"{name}_s"] * 1e3 for name in ("decode_cpu", "worker_cpu", "loop_cpu")},
             "repeats": repeats}
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -99,19 +99,26 @@ class EngineCore:
             self._decoder.shutdown()
             self._decoder = None
 
-    def admit(self, plan: Plan) -> StepResult:
+    def admit(self, plan: Plan, decode_started: Callable[[], None] | None = None) -> StepResult:
         """Rows leave; the admitted requests are prefilled or encoded, and the greedy/sampling ones choose
         their first token. Meanwhile (on the decode thread) the rows already in the batch run their step,
-        which `decode` completes; the admitted rows join the batch after it."""
+        which `decode` completes; the admitted rows join the batch after it.
+
+        `decode_started` is called once the batch's decode call is under way (at once if the batch is
+        empty), before any prefill: work that needs the GIL for a while (delivering the last step's
+        events) then overlaps the graph call instead of delaying its start.
+        """
         result = StepResult()
         dropped = plan.dropped_slots()
         if dropped:
             self._drop(dropped, result)
+        if len(self.batch) and (plan.admit or decode_started is not None):
+            if self._decoder is None:
+                self._decoder = ThreadPoolExecutor(1, thread_name_prefix="engine-decode")
+            self._in_flight = self._decoder.submit(self._timed_decode, self.batch)
+        if decode_started is not None:
+            decode_started()
         if plan.admit:
-            if len(self.batch):
-                if self._decoder is None:
-                    self._decoder = ThreadPoolExecutor(1, thread_name_prefix="engine-decode")
-                self._in_flight = self._decoder.submit(self._timed_decode, self.batch)
             self._admit(plan.admit, result)
         return result
 
