@@ -56,7 +56,7 @@ class ModelEngine:
         self.name = bundle.name
         self.version = bundle.version
         self.kind = "lm" if bundle.kind == ModelKind.MODEL_KIND_LM else "seq2seq"
-        self.runner = Runner(bundle)
+        self.runner = Runner(bundle, config.io_binding)
         self._core = EngineCore(bundle, self.runner)
         self._scheduler = Scheduler(config)
         self._metrics = (metrics if metrics is not None else Metrics()).for_model(self.name)
