@@ -6,6 +6,7 @@ worker thread, so the asyncio loop stays responsive while a graph runs.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -15,6 +16,8 @@ from server.bundle import LoadedBundle, LoadedGraph
 from server.bundle.manifest import LAST_LOG_PROBS
 from server.engine.batch import DecodeBatch, State
 from server.engine.binding import BoundStep, device_of
+
+logger = logging.getLogger(__name__)
 
 
 class Runner:
@@ -96,11 +99,16 @@ class Runner:
     def decode(self, batch: DecodeBatch) -> tuple[np.ndarray, State, np.ndarray | None]:
         """One token per row: (log_probs [B, V], new state, attention [B, S] or None for an LM)."""
         if self.bound is not None:
-            log_probs, state = self.bound.run(batch.tokens, batch.state)
-            return log_probs[:, 0], state, None
+            try:
+                log_probs, state = self.bound.run(batch.tokens, batch.state)
+                return log_probs[:, 0], state, None
+            except Exception:  # not proven on every provider: serve on with plain calls
+                logger.exception("the decode step through IO binding failed; plain calls from now on")
+                self.bound = None
         if self.is_lm:
             ones = np.ones(len(batch), dtype=np.int64)
-            log_probs, state = self._run_step(self._lm_feeds(batch.tokens[:, None], ones, batch.state))
+            state = tuple(np.asarray(s) for s in batch.state)  # bound buffers, if binding was given up
+            log_probs, state = self._run_step(self._lm_feeds(batch.tokens[:, None], ones, state))
             return log_probs[:, 0], state, None
         feeds = {self._token_input: batch.tokens, "memory": batch.memory, "mask": batch.mask}
         feeds.update(zip(self.state_names, batch.state, strict=True))

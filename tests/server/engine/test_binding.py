@@ -90,3 +90,18 @@ def test_the_engine_gives_the_same_tokens_with_io_binding(bundle):
 def test_io_binding_setting_is_checked():
     with pytest.raises(ValueError, match="io_binding"):
         EngineConfig(io_binding="yes")
+
+
+def test_a_failing_bound_call_falls_back_to_plain_calls(bundle, caplog):
+    plain, bound = Runner(bundle, "off"), Runner(bundle, "on")
+    batch = DecodeBatch(plain.zero_state(2), np.array([5, 6]), np.arange(2), np.zeros(2, np.int64))
+    _, state, _ = bound.decode(batch)  # bound buffers
+    expected = plain.decode(DecodeBatch(tuple(np.array(s) for s in state), batch.tokens, batch.owners, batch.groups))
+
+    def broken(tokens, state):
+        raise RuntimeError("no such device")
+
+    bound.bound.run = broken
+    log_probs, new_state, _ = bound.decode(DecodeBatch(state, batch.tokens, batch.owners, batch.groups))
+    assert bound.bound is None and "IO binding failed" in caplog.text
+    np.testing.assert_array_equal(log_probs, expected[0])
