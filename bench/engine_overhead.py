@@ -18,7 +18,8 @@ both alike; medians reported):
   its time over the bare step, the floor under `ttft_steps`).
 Prints a Markdown table, or with --json one JSON object per row count (rows, bare_ms, decode_ms,
 whole_step_ms, the ratios to bare_ms, tokens_per_s, bare_tokens_per_s, ttft_steps, bare_prefill_steps,
-decode_cpu_ms, worker_cpu_ms, loop_cpu_ms, repeats).
+decode_cpu_ms, worker_cpu_ms, loop_cpu_ms, bytes_to_device_per_step and bytes_to_host_per_step (with IO
+binding: what crossed between host and device per step, NaN without), io_binding, providers, repeats).
 
     python bench/engine_overhead.py [--tokens 64] [--batches 1,8,32,128] [--repeats 3] [--threads 1] [--json]
 """
@@ -83,9 +84,10 @@ def prompt(length: int) -> list[int]:
     return [BOS] + [4 + i % 20 for i in range(length - 1)]
 
 
-async def engine_run(bundle, streams: int, tokens: int, prompt_tokens: int = 1) -> dict:
+async def engine_run(bundle, streams: int, tokens: int, prompt_tokens: int = 1, io_binding: str = "auto") -> dict:
     metrics = Metrics()
-    engine = ModelEngine(bundle, EngineConfig(max_rows=max(streams, 1), max_new_tokens=tokens), metrics)
+    config = EngineConfig(max_rows=max(streams, 1), max_new_tokens=tokens, io_binding=io_binding)
+    engine = ModelEngine(bundle, config, metrics)
     calls: list[tuple[float, float, int]] = []  # (start, end, rows) of every decode call
     model_cpu: dict[tuple[str, int], float] = {}  # (call, thread id) -> CPU seconds inside the graph calls
     decode, prefill = engine.runner.decode, engine.runner.prefill
@@ -126,11 +128,16 @@ async def engine_run(bundle, streams: int, tokens: int, prompt_tokens: int = 1) 
     worker = engine._thread
     worker_clock = time.pthread_getcpuclockid(worker.ident)
     worker_before, loop_before = time.clock_gettime(worker_clock), time.thread_time()
+    bound = engine.runner.bound
+    sent_before = (bound.bytes_to_device, bound.bytes_to_host) if bound is not None else (0, 0)
     started = time.perf_counter()
     handles = [engine.submit(GenerationRequest(f"s{i}", prompt(prompt_tokens), params)) for i in range(streams)]
     results = await asyncio.gather(*(consume(h, started) for h in handles))
     wall = time.perf_counter() - started
     worker_cpu, loop_cpu = time.clock_gettime(worker_clock) - worker_before, time.thread_time() - loop_before
+    bound = engine.runner.bound
+    sent = ((bound.bytes_to_device - sent_before[0], bound.bytes_to_host - sent_before[1]) if bound is not None
+            else (float("nan"), float("nan")))
     await engine.stop(1.0)
     full = [(start, end) for start, end, rows in calls if rows == streams]
     whole = statistics.median(b[0] - a[0] for a, b in zip(full, full[1:], strict=False))
@@ -141,7 +148,8 @@ async def engine_run(bundle, streams: int, tokens: int, prompt_tokens: int = 1) 
             "decode_cpu_s": sum(cpu for (call, _), cpu in model_cpu.items() if call == "decode") / tokens,
             "worker_cpu_s": (worker_cpu - sum(cpu for (_, thread), cpu in model_cpu.items()
                                               if thread == worker.ident)) / tokens,
-            "loop_cpu_s": loop_cpu / tokens}
+            "loop_cpu_s": loop_cpu / tokens,
+            "bytes_to_device_per_step": sent[0] / tokens, "bytes_to_host_per_step": sent[1] / tokens}
 
 
 def bare_prefill(bundle, rows: int, prompt_tokens: int, repeats: int) -> float:
@@ -170,11 +178,11 @@ def bare_step(bundle, rows: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure(bundle, streams: int, tokens: int, repeats: int, prompt_tokens: int = 1) -> dict:
+def measure(bundle, streams: int, tokens: int, repeats: int, prompt_tokens: int = 1, io_binding: str = "auto") -> dict:
     """Engine and bare step on `streams` rows, interleaved `repeats` times; medians."""
     runs, bares, prefills = [], [], []
     for _ in range(repeats):
-        runs.append(asyncio.run(engine_run(bundle, streams, tokens, prompt_tokens)))
+        runs.append(asyncio.run(engine_run(bundle, streams, tokens, prompt_tokens, io_binding)))
         bares.append(bare_step(bundle, streams, repeats=max(10, tokens // 2)))
         prefills.append(bare_prefill(bundle, streams, prompt_tokens, repeats=3))
     median = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
@@ -185,7 +193,9 @@ def measure(bundle, streams: int, tokens: int, repeats: int, prompt_tokens: int 
             "bare_tokens_per_s": streams / bare, "ttft_steps": median["ttft_steps"],
             "bare_prefill_steps": statistics.median(prefills) / bare, "prompt_tokens": prompt_tokens,
             **{f"{name}_ms": median[f"{name}_s"] * 1e3 for name in ("decode_cpu", "worker_cpu", "loop_cpu")},
-            "repeats": repeats}
+            "bytes_to_device_per_step": median["bytes_to_device_per_step"],
+            "bytes_to_host_per_step": median["bytes_to_host_per_step"], "io_binding": io_binding,
+            "providers": list(bundle.providers), "repeats": repeats}
 
 
 def main(argv=None) -> None:
@@ -196,6 +206,8 @@ def main(argv=None) -> None:
     parser.add_argument("--prompt-tokens", type=int, default=1, help="tokens of every prompt, <bos> included")
     parser.add_argument("--providers", default="CPUExecutionProvider", help="ONNX Runtime providers, in order")
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: its default)")
+    parser.add_argument("--io-binding", default="auto", choices=("auto", "on", "off"),
+                        help="the engine's decode step through IO binding (auto: on a CUDA device)")
     parser.add_argument("--bundle", type=Path, help="a bundle directory to use (default: build one, in a temp dir)")
     parser.add_argument("--json", action="store_true", help="one JSON object per row count instead of a table")
     args = parser.parse_args(argv)
@@ -209,7 +221,7 @@ def main(argv=None) -> None:
                   "| decode / bare | whole step / bare | TTFT steps | bare prefill steps |")
             print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for streams in (int(b) for b in args.batches.split(",")):
-            row = measure(bundle, streams, args.tokens, args.repeats, args.prompt_tokens)
+            row = measure(bundle, streams, args.tokens, args.repeats, args.prompt_tokens, args.io_binding)
             if args.json:
                 print(json.dumps(row), flush=True)
             else:
