@@ -20,6 +20,7 @@ Python loops run only for the other rows, for a character split over tokens, and
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -115,7 +116,12 @@ class EngineCore:
         if len(self.batch) and (plan.admit or decode_started is not None):
             if self._decoder is None:
                 self._decoder = ThreadPoolExecutor(1, thread_name_prefix="engine-decode")
-            self._in_flight = self._decoder.submit(self._timed_decode, self.batch)
+            calling = threading.Event()
+            self._in_flight = self._decoder.submit(self._timed_decode, self.batch, calling)
+            if decode_started is not None:
+                # Wait until the decode thread is about to enter the graph call (where it lets go of the GIL):
+                # the event loop woken now cannot hold up the start of the call.
+                calling.wait()
         if decode_started is not None:
             decode_started()
         if plan.admit:
@@ -134,7 +140,10 @@ class EngineCore:
         self._join()
         return result
 
-    def _timed_decode(self, batch: DecodeBatch) -> tuple[np.ndarray, State, np.ndarray | None, float]:
+    def _timed_decode(self, batch: DecodeBatch, calling: threading.Event | None = None
+                      ) -> tuple[np.ndarray, State, np.ndarray | None, float]:
+        if calling is not None:
+            calling.set()
         started = time.perf_counter()
         log_probs, state, attention = self.runner.decode(batch)
         return log_probs, state, attention, time.perf_counter() - started
