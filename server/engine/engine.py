@@ -5,9 +5,9 @@ repeat. Graph calls never block the asyncio loop, and the worker never waits for
 step's events are handed to the asyncio loop (`call_soon_threadsafe`), which delivers them to the
 request streams while the next step already runs. A decode step's events are handed over once the
 next step's decode call is entering ONNX Runtime on the decode thread: the event loop's Python then
-runs beside the graph call, instead of holding the GIL when a thread needs it to start one. The scheduler is shared by both threads under one
-lock, held only for bookkeeping, never during a step. Requests enter through `submit` (generations,
-translations) and `feed` (sessions), validated once, here.
+runs beside the graph call, instead of holding the GIL when a thread needs it to start one. The
+scheduler is shared by both threads under one lock, held only for bookkeeping, never during a step.
+Requests enter through `submit` (generations, translations) and `feed` (sessions), validated once, here.
 """
 
 from __future__ import annotations
