@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import csv
-import json
 import os
 from argparse import Namespace
 from types import SimpleNamespace
@@ -113,21 +112,3 @@ def test_bare_decoder_step_times_beam_rows_of_real_sources(tiny_runs, tmp_path):
     one = bare_decoder_step(bundle, ["abc", "de"], 1, budget=0.05)
     five = bare_decoder_step(bundle, ["abc", "de"], 5, budget=0.05)
     assert 0 < one < 1 and 0 < five < 1
-
-
-@pytest.mark.parametrize("io_binding", ["off", "on"])
-def test_engine_overhead_prints_one_json_object_per_row_count(tiny_bundle, capsys, io_binding):
-    from bench import engine_overhead
-
-    bundle_dir = tiny_bundle.repository / tiny_bundle.name / "1"
-    engine_overhead.main(["--json", "--bundle", str(bundle_dir), "--batches", "1,3", "--tokens", "5",
-                          "--repeats", "1", "--threads", "1", "--io-binding", io_binding])
-    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [row["rows"] for row in rows] == [1, 3]
-    for row in rows:
-        assert row["bare_ms"] > 0 and row["decode_ms"] > 0
-        assert row["whole_step_ms"] > 0
-        assert row["whole_step_over_bare"] == pytest.approx(row["whole_step_ms"] / row["bare_ms"])
-        assert row["worker_cpu_ms"] >= 0 and row["ttft_steps"] > 0 and row["io_binding"] == io_binding
-        if io_binding == "on":  # the log-probs come back every step; the state stays
-            assert row["bytes_to_host_per_step"] > 0
