@@ -221,8 +221,8 @@ class EngineCore:
                 log_probs, state, attention = first_log_probs[chosen], first.state, None
             else:  # one decoder step of the joining rows alone
                 log_probs, state, attention = self.runner.decode(first)
-            joining.choosers, keep, tokens = self._choose(part, first.owners, np.arange(len(first)), log_probs,
-                                                          state, attention, result)
+            joining.choosers, keep, tokens = self._choose(part, np.arange(len(first)), log_probs, state, attention,
+                                                          result)
             kept = np.flatnonzero(keep)
             joining.rows.append(first.advance(state, kept, tokens[kept]))
         beam_sizes = sorted({g for g in groups if g != CHOOSER_GROUP})
@@ -323,8 +323,8 @@ class EngineCore:
         index_parts, token_parts, memory_parts = [], [], []
         chooser_rows = np.flatnonzero(batch.groups == CHOOSER_GROUP)
         if chooser_rows.size:
-            self.choosers, keep, tokens = self._choose(self.choosers, batch.owners[chooser_rows], chooser_rows,
-                                                       log_probs, state, attention, result)
+            self.choosers, keep, tokens = self._choose(self.choosers, chooser_rows, log_probs, state, attention,
+                                                       result)
             index_parts.append(chooser_rows[keep])
             memory_parts.append(chooser_rows[keep])
             token_parts.append(tokens[keep])
@@ -340,11 +340,10 @@ class EngineCore:
         self.batch = batch.advance(state, np.concatenate(index_parts), np.concatenate(token_parts),
                                    np.concatenate(memory_parts))
 
-    def _choose(self, choosers: ChooserRows, owners: np.ndarray, rows: np.ndarray, log_probs: np.ndarray,
-                state: State, attention: np.ndarray | None, result: StepResult
-                ) -> tuple[ChooserRows, np.ndarray, np.ndarray]:
+    def _choose(self, choosers: ChooserRows, rows: np.ndarray, log_probs: np.ndarray, state: State,
+                attention: np.ndarray | None, result: StepResult) -> tuple[ChooserRows, np.ndarray, np.ndarray]:
         """Greedy/sampling rows choose a token each. `rows` (ascending) index their log-probs, state (after
-        the step) and attention in the step's arrays, in the order of `choosers` and `owners`. Returns the
+        the step) and attention in the step's arrays, in the order of `choosers`. Returns the
         choosers of the rows that go on, which rows go on (bool [N]), and every row's token."""
         choice = self.chooser.choose(take_rows(log_probs, rows), choosers.rows, choosers.history, choosers.generated)
         tokens = choice.tokens
