@@ -7,6 +7,7 @@ engine events, hypotheses and loaded bundles become messages. Nothing below `ser
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -33,6 +34,8 @@ _FINISH_REASONS = {
 # DecodingParams field -> DecodingOptions field, where the names differ.
 _PROTO_FIELDS = {"top_logprobs": "top_log_probs"}
 _DEFAULT_PARAMS = DecodingParams()
+# tokenizer -> every id's token string, built on first use (a chunk is built per request per step).
+_TOKEN_STRINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -147,15 +150,14 @@ def chunk_to_pb(token_ids: Sequence[int], text: str, first_token_index: int, voc
                 into: pb.TokenChunk | None = None) -> pb.TokenChunk:
     """A TokenChunk of one or several (coalesced) tokens; `into` (an empty TokenChunk, e.g. a response's
     chunk field, so the chunk is not copied into the response) is filled and returned when given."""
-    id_to_token = vocab.id_to_token
-    ids = [int(t) for t in token_ids]
-    pieces = [id_to_token(t) for t in ids]
-    if None in pieces:
-        pieces = [piece if piece is not None else "" for piece in pieces]
+    strings = token_strings(vocab)
     chunk = pb.TokenChunk() if into is None else into
     chunk.text = text
-    chunk.token_ids.extend(ids)
-    chunk.tokens.extend(pieces)
+    ids, pieces = chunk.token_ids, chunk.tokens
+    for token in token_ids:  # usually one: a step's token
+        token = int(token)
+        ids.append(token)
+        pieces.append(strings[token] if 0 <= token < len(strings) else _token(vocab, token))
     chunk.first_token_index = first_token_index
     if log_probs:
         chunk.log_probs.extend(float(p) for p in log_probs)
@@ -248,6 +250,18 @@ def _renamed(error: InvalidArgument, where: str) -> InvalidArgument:
     if message.startswith(error.field):
         message = proto_field + message[len(error.field):]
     return InvalidArgument(message, field=proto_field, value=error.value, allowed=error.allowed)
+
+
+def token_strings(vocab) -> list[str] | tuple[()]:
+    """Every id's token string ("" where it has none), worked out once per tokenizer; () for a vocabulary
+    that cannot tell its size (its ids are then looked up one by one)."""
+    strings = _TOKEN_STRINGS.get(vocab)
+    if strings is None:
+        size = getattr(vocab, "get_vocab_size", None)
+        id_to_token = vocab.id_to_token
+        strings = [id_to_token(i) or "" for i in range(size(with_added_tokens=True))] if size is not None else ()
+        _TOKEN_STRINGS[vocab] = strings
+    return strings
 
 
 def _token(vocab, token_id) -> str:

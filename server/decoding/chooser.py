@@ -8,7 +8,7 @@ import numpy as np
 
 from server.decoding.history import TokenHistory
 from server.decoding.processors import ProcessorChain, default_processors
-from server.decoding.row_params import BEAM, SAMPLE, RowParams
+from server.decoding.row_params import BEAM, GREEDY, SAMPLE, RowParams
 from server.decoding.sampling import sample_tokens
 from server.decoding.selection import stable_top_k
 
@@ -36,13 +36,18 @@ class TokenChooser:
     """
 
     def __init__(self, eos_id: int, processors: ProcessorChain | None = None):
+        self.eos_id = eos_id
         self.processors = processors if processors is not None else default_processors(eos_id)
+        # With the default chain, greedy rows without penalties need no float64 copy of the log-probs.
+        self._default_chain = processors is None
 
     def choose(self, log_probs: np.ndarray, rows: RowParams, history: TokenHistory,
                step_counts: np.ndarray) -> Choice:
         """log_probs[N, V] from the model; step_counts[N] = tokens each row has generated so far."""
         if np.any(rows.strategy == BEAM):
             raise ValueError("beam rows are decoded by BeamSearch, not TokenChooser")
+        if self._argmax_suffices(rows):
+            return self._argmax(log_probs, rows, step_counts)
         scores = np.array(log_probs, dtype=np.float64)  # a copy the processors may write into
         scores = self.processors(history, scores, rows, step_counts)
 
@@ -54,6 +59,25 @@ class TokenChooser:
                 rows.seed[sampling], step_counts[sampling])
         chosen = scores[np.arange(len(tokens)), tokens]
         return Choice(tokens, chosen, self._alternatives(scores, rows))
+
+    def _argmax_suffices(self, rows: RowParams) -> bool:
+        """Every row greedy, and no processor of the default chain but min_new_tokens can apply."""
+        return (self._default_chain and bool(np.all(rows.strategy == GREEDY))
+                and not rows.no_repeat_ngram_size.any() and bool(np.all(rows.repetition_penalty == 1.0))
+                and not rows.top_logprobs.any())
+
+    def _argmax(self, log_probs: np.ndarray, rows: RowParams, step_counts: np.ndarray) -> Choice:
+        """What `choose` gives such rows, without copying the whole array to float64: argmax on the model's
+        floats (widening is exact and keeps their order), and again, <eos> banned, for the rows whose
+        argmax is an <eos> that min_new_tokens forbids."""
+        tokens = log_probs.argmax(axis=1)
+        again = np.nonzero((tokens == self.eos_id) & (step_counts < rows.min_new_tokens))[0]
+        if again.size:
+            scores = np.array(log_probs[again], dtype=np.float64)
+            scores[:, self.eos_id] = -np.inf
+            tokens[again] = scores.argmax(axis=1)
+        chosen = log_probs[np.arange(len(tokens)), tokens].astype(np.float64)
+        return Choice(tokens, chosen, None)
 
     @staticmethod
     def _alternatives(scores: np.ndarray, rows: RowParams) -> TopAlternatives | None:

@@ -123,31 +123,60 @@ def _pad_and_stack(memories: list[np.ndarray], masks: list[np.ndarray]) -> tuple
 
 @dataclass
 class ChooserRows:
-    """The greedy and sampling rows' decoding columns, in the order those rows have in the batch."""
+    """The greedy and sampling rows' decoding columns, in the order those rows have in the batch.
+
+    Besides what choosing needs, each row's running totals and text state, so that a step's tokens
+    become text and events by array operations: `plain` rows (no stop strings, log-probs, alternatives
+    or attention, and a tokenizer with a `TokenTable`) get their text by table lookup.
+    """
 
     rows: RowParams
     history: TokenHistory
     generated: np.ndarray  # [N] int64: tokens each row has generated so far (its sampling step)
+    log_prob: np.ndarray  # [N] float64: the sum of the log-probs of the tokens it chose (<eos> included)
+    tracked: np.ndarray  # [N] object: the row's request (`server.engine.tracking.Tracked`)
+    plain: np.ndarray  # [N] bool: text by table, events that carry nothing but the token and its text
+    spoken: np.ndarray  # [N] bool: the row's text is not empty (a word tokenizer puts a space next)
+    open_char: np.ndarray  # [N] bool: its bytes end inside a character (byte-level BPE splits them)
 
     @classmethod
     def empty(cls, vocab_size: int) -> ChooserRows:
-        return cls(RowParams.empty(), TokenHistory.empty(vocab_size), np.zeros(0, dtype=np.int64))
+        return cls.start(RowParams.empty(), [], vocab_size)
 
     @classmethod
-    def start(cls, rows: RowParams, histories: list[list[int]], vocab_size: int) -> ChooserRows:
-        """Rows that have generated nothing yet; `histories` are what the processors look back on."""
-        return cls(rows, TokenHistory.from_prompts(histories, vocab_size), np.zeros(len(rows), dtype=np.int64))
+    def start(cls, rows: RowParams, histories: list[list[int]], vocab_size: int, tracked: list | None = None,
+              plain: np.ndarray | None = None, spoken: np.ndarray | None = None) -> ChooserRows:
+        """Rows that have generated nothing yet; `histories` are what the processors look back on,
+        `spoken` whether text came before them (the end of a prompt). Rows are not plain by default."""
+        count = len(rows)
+        owners = np.empty(count, dtype=object)
+        if tracked is not None:
+            owners[:] = tracked
+        flags = [np.zeros(count, dtype=bool) if column is None else np.asarray(column, dtype=bool)
+                 for column in (plain, spoken)]
+        return cls(rows, TokenHistory.from_prompts(histories, vocab_size), np.zeros(count, dtype=np.int64),
+                   np.zeros(count, dtype=np.float64), owners, *flags, np.zeros(count, dtype=bool))
 
     def __len__(self) -> int:
         return len(self.generated)
 
-    def advance(self, tokens: np.ndarray) -> None:
-        """Every row chose `tokens`."""
+    def advance(self, tokens: np.ndarray, log_probs: np.ndarray | None = None) -> None:
+        """Every row chose `tokens` (of log-probs `log_probs`)."""
         self.history.append(tokens)
         self.generated += 1
+        if log_probs is not None:
+            self.log_prob += log_probs
+
+    def generated_ids(self, row: int, drop_last: bool = False) -> list[int]:
+        """The tokens row `row` generated (without the last one: an <eos>)."""
+        end = int(self.history.lengths[row])
+        ids = self.history.tokens[row, end - int(self.generated[row]) : end - int(drop_last)]
+        return ids.tolist()
 
     def filter(self, index: np.ndarray) -> ChooserRows:
-        return ChooserRows(self.rows.filter(index), self.history.filter(index), self.generated[index])
+        return ChooserRows(self.rows.filter(index), self.history.filter(index), self.generated[index],
+                           self.log_prob[index], self.tracked[index], self.plain[index], self.spoken[index],
+                           self.open_char[index])
 
     @staticmethod
     def concatenate(parts: list[ChooserRows]) -> ChooserRows:
@@ -157,5 +186,6 @@ class ChooserRows:
         return ChooserRows(
             RowParams.concatenate([p.rows for p in parts]),
             TokenHistory.concatenate([p.history for p in parts]),
-            np.concatenate([p.generated for p in parts]),
+            *(np.concatenate([getattr(p, name) for p in parts])
+              for name in ("generated", "log_prob", "tracked", "plain", "spoken", "open_char")),
         )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+IO_BINDING_MODES = ("auto", "on", "off")
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -13,9 +15,17 @@ class EngineConfig:
     max_new_tokens: int = 1024  # the highest max_new_tokens a request may ask for
     max_beam_size: int = 16  # the highest beam_size a request may ask for (beam requests: also <= max_rows)
     max_prefill_tokens: int = 8192  # padded tokens (rows x longest) per prefill call; one request always fits
+    # LM decode step through IO binding, the state kept in ONNX Runtime buffers between steps: "on", "off",
+    # or "auto" (on where the session runs on a CUDA device).
+    io_binding: str = "auto"
 
     def __post_init__(self):
+        if self.io_binding not in IO_BINDING_MODES:
+            raise ValueError(f"engine setting io_binding must be one of {', '.join(IO_BINDING_MODES)}, "
+                             f"got {self.io_binding!r}")
         for field in fields(self):
+            if field.name == "io_binding":
+                continue
             value = getattr(self, field.name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"engine setting {field.name} must be a positive integer, got {value!r}")

@@ -11,14 +11,18 @@ longer stalls everyone's step when a core is free.
 `decode`: every active row advances in one decode call (or completes the one started during `admit`);
 choose, stop, emit; then the admitted rows join the batch (beam requests start with the next step).
 
-The per-step work on rows is a handful of numpy calls whatever their number; Python loops run per
-request only, to turn tokens into events.
+The per-step work on rows is a handful of numpy calls whatever their number. A plain row's token
+(greedy or sampling, no stop strings, log-probs, alternatives or attention; the common case) becomes
+its text by a table lookup (`TokenTable`) and its event on the event loop's thread (`StepResult.tokens`);
+Python loops run only for the other rows, for a character split over tokens, and for requests that end.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -28,10 +32,11 @@ from server.bundle import LoadedBundle
 from server.decoding import BeamSearch, FinishReason, RowParams, TokenChooser
 from server.engine.batch import CHOOSER_GROUP, ChooserRows, DecodeBatch, State, take_rows
 from server.engine.beams import BeamGroupStep, step_beam_group
-from server.engine.requests import Event, FeedRequest, GenerationRequest
+from server.engine.requests import Event, FeedRequest, GenerationRequest, TokenEvent, TranslationRequest
 from server.engine.runner import Runner
 from server.engine.scheduler import Entry, Plan
 from server.engine.text import TextStream
+from server.engine.token_table import TokenTable
 from server.engine.tracking import Tracked
 
 
@@ -40,6 +45,9 @@ class StepResult:
     """What a step produced, for the event loop to deliver and count."""
 
     events: list[tuple[Entry, Event]] = field(default_factory=list)  # in the order they happened
+    # Plain rows' tokens, one TokenEvent each, built on the event loop's thread: (Tracked per row [R]
+    # object array, token per row, text per row). A request is in these or in `events`, never both.
+    tokens: list[tuple[np.ndarray, list[int], list[str]]] = field(default_factory=list)
     finished: list[tuple[Entry, str]] = field(default_factory=list)  # requests that ended, and why
     dropped: dict[int, Event] = field(default_factory=dict)  # slot -> partial finish event (cancelled)
     feeds: list[tuple[Entry, State, np.ndarray | None]] = field(default_factory=list)
@@ -47,6 +55,13 @@ class StepResult:
     decode_seconds: float = 0.0
     prompt_tokens: int = 0
     generated_tokens: int = 0
+
+    def all_events(self) -> Iterator[tuple[Entry, Event]]:
+        """Every event of the step, each request's in order: plain rows' token events (made now), the rest."""
+        for tracked_rows, tokens, texts in self.tokens:
+            for tracked, token, text in zip(tracked_rows, tokens, texts, strict=True):
+                yield tracked.entry, TokenEvent([token], None, None, text)
+        yield from self.events
 
 
 class EngineCore:
@@ -60,6 +75,7 @@ class EngineCore:
         self.bos_id = manifest.special_tokens.bos_id
         self.vocab_size = manifest.sizes.vocab_size
         self.tokenizer = bundle.tokenizer("text" if self.is_lm else "target")
+        self.table = TokenTable.build(self.tokenizer, self.vocab_size)  # None: decode windows instead
         self.chooser = TokenChooser(self.eos_id)
         self._decoder: ThreadPoolExecutor | None = None  # runs the batch's decode call during an admission
         self._in_flight: Future | None = None
@@ -84,19 +100,31 @@ class EngineCore:
             self._decoder.shutdown()
             self._decoder = None
 
-    def admit(self, plan: Plan) -> StepResult:
+    def admit(self, plan: Plan, decode_started: Callable[[], None] | None = None) -> StepResult:
         """Rows leave; the admitted requests are prefilled or encoded, and the greedy/sampling ones choose
         their first token. Meanwhile (on the decode thread) the rows already in the batch run their step,
-        which `decode` completes; the admitted rows join the batch after it."""
+        which `decode` completes; the admitted rows join the batch after it.
+
+        `decode_started` is called once the batch's decode call is under way (at once if the batch is
+        empty), before any prefill: work that needs the GIL for a while (delivering the last step's
+        events) then overlaps the graph call instead of delaying its start.
+        """
         result = StepResult()
         dropped = plan.dropped_slots()
         if dropped:
             self._drop(dropped, result)
+        if len(self.batch) and (plan.admit or decode_started is not None):
+            if self._decoder is None:
+                self._decoder = ThreadPoolExecutor(1, thread_name_prefix="engine-decode")
+            calling = threading.Event()
+            self._in_flight = self._decoder.submit(self._timed_decode, self.batch, calling)
+            if decode_started is not None:
+                # Wait until the decode thread is about to enter the graph call (where it lets go of the GIL):
+                # the event loop woken now cannot hold up the start of the call.
+                calling.wait()
+        if decode_started is not None:
+            decode_started()
         if plan.admit:
-            if len(self.batch):
-                if self._decoder is None:
-                    self._decoder = ThreadPoolExecutor(1, thread_name_prefix="engine-decode")
-                self._in_flight = self._decoder.submit(self._timed_decode, self.batch)
             self._admit(plan.admit, result)
         return result
 
@@ -112,7 +140,10 @@ class EngineCore:
         self._join()
         return result
 
-    def _timed_decode(self, batch: DecodeBatch) -> tuple[np.ndarray, State, np.ndarray | None, float]:
+    def _timed_decode(self, batch: DecodeBatch, calling: threading.Event | None = None
+                      ) -> tuple[np.ndarray, State, np.ndarray | None, float]:
+        if calling is not None:
+            calling.set()
         started = time.perf_counter()
         log_probs, state, attention = self.runner.decode(batch)
         return log_probs, state, attention, time.perf_counter() - started
@@ -125,7 +156,10 @@ class EngineCore:
             return
         parked = self._parked(leaving)
         keep = ~np.isin(self.batch.owners, np.array(leaving, dtype=np.int64))
-        self.choosers = self.choosers.filter(keep[self.batch.groups == CHOOSER_GROUP])
+        chooser_rows = self.batch.groups == CHOOSER_GROUP
+        for row in np.flatnonzero(~keep[chooser_rows]).tolist():  # per leaving request: its tokens so far
+            self._settle(self.choosers, row, drop_last=False)
+        self.choosers = self.choosers.filter(keep[chooser_rows])
         for beam in self.beams.values():
             beam.leave(leaving)
         self.batch = self.batch.filter(keep)
@@ -179,14 +213,16 @@ class EngineCore:
         chosen = [i for i, g in enumerate(groups) if g == CHOOSER_GROUP]
         if chosen:
             rows = RowParams.concatenate([RowParams.from_params(requests[i].params) for i in chosen])
-            part = ChooserRows.start(rows, [histories[i] for i in chosen], self.vocab_size)
+            tracked = [self.tracked[requests[i].slot] for i in chosen]
+            part = ChooserRows.start(rows, [histories[i] for i in chosen], self.vocab_size, tracked,
+                                     plain=[t.text is None for t in tracked], spoken=[t.after_text for t in tracked])
             first = arrivals.filter(arrivals.groups == CHOOSER_GROUP)  # one row per request
             if self.is_lm:  # prefilled through the whole prompt: the first token's log-probs are there
                 log_probs, state, attention = first_log_probs[chosen], first.state, None
             else:  # one decoder step of the joining rows alone
                 log_probs, state, attention = self.runner.decode(first)
-            joining.choosers, keep, tokens = self._choose(part, first.owners, np.arange(len(first)), log_probs,
-                                                          state, attention, result)
+            joining.choosers, keep, tokens = self._choose(part, np.arange(len(first)), log_probs, state, attention,
+                                                          result)
             kept = np.flatnonzero(keep)
             joining.rows.append(first.advance(state, kept, tokens[kept]))
         beam_sizes = sorted({g for g in groups if g != CHOOSER_GROUP})
@@ -261,8 +297,14 @@ class EngineCore:
     def _track(self, entry: Entry, history: list[int]) -> Tracked:
         request = entry.request
         source_length = 0 if self.is_lm else len(request.source_ids)
-        tracked = Tracked(entry=entry, text=self._text_stream(entry, history),
+        params = entry.params
+        plain = (self.table is not None and params.strategy != "beam" and not params.stop
+                 and not params.return_log_probs and not params.top_logprobs
+                 and not (isinstance(request, TranslationRequest) and request.return_attention))
+        tracked = Tracked(entry=entry, text=None if plain else self._text_stream(entry, history),
                           prompt_tokens=entry.input_tokens, source_length=source_length)
+        if plain:
+            tracked.table, tracked.after_text = self.table, self.table.speaks(history)
         if tracked.wants_attention:
             if entry.params.strategy == "beam":
                 tracked.beam_trail = np.zeros((entry.rows, 0, source_length), dtype=np.float32)
@@ -271,7 +313,7 @@ class EngineCore:
         return tracked
 
     def _text_stream(self, entry: Entry, history: list[int]) -> TextStream:
-        return TextStream(self.tokenizer, entry.params.stop, context_ids=history)
+        return TextStream(self.tokenizer, entry.params.stop, context_ids=history, table=self.table)
 
     # --- one step of every row ------------------------------------------------------------------
 
@@ -281,8 +323,8 @@ class EngineCore:
         index_parts, token_parts, memory_parts = [], [], []
         chooser_rows = np.flatnonzero(batch.groups == CHOOSER_GROUP)
         if chooser_rows.size:
-            self.choosers, keep, tokens = self._choose(self.choosers, batch.owners[chooser_rows], chooser_rows,
-                                                       log_probs, state, attention, result)
+            self.choosers, keep, tokens = self._choose(self.choosers, chooser_rows, log_probs, state, attention,
+                                                       result)
             index_parts.append(chooser_rows[keep])
             memory_parts.append(chooser_rows[keep])
             token_parts.append(tokens[keep])
@@ -298,38 +340,74 @@ class EngineCore:
         self.batch = batch.advance(state, np.concatenate(index_parts), np.concatenate(token_parts),
                                    np.concatenate(memory_parts))
 
-    def _choose(self, choosers: ChooserRows, owners: np.ndarray, rows: np.ndarray, log_probs: np.ndarray,
-                state: State, attention: np.ndarray | None, result: StepResult
-                ) -> tuple[ChooserRows, np.ndarray, np.ndarray]:
+    def _choose(self, choosers: ChooserRows, rows: np.ndarray, log_probs: np.ndarray, state: State,
+                attention: np.ndarray | None, result: StepResult) -> tuple[ChooserRows, np.ndarray, np.ndarray]:
         """Greedy/sampling rows choose a token each. `rows` (ascending) index their log-probs, state (after
-        the step) and attention in the step's arrays, in the order of `choosers` and `owners`. Returns the
+        the step) and attention in the step's arrays, in the order of `choosers`. Returns the
         choosers of the rows that go on, which rows go on (bool [N]), and every row's token."""
         choice = self.chooser.choose(take_rows(log_probs, rows), choosers.rows, choosers.history, choosers.generated)
         tokens = choice.tokens
         is_eos = tokens == self.eos_id
         at_limit = choosers.generated + 1 >= choosers.rows.max_new_tokens
         result.generated_tokens += int((~is_eos).sum())
-        keep = np.ones(len(tokens), dtype=bool)
-        chosen, scores = tokens.tolist(), choice.log_probs.tolist()
-        eos_list, limit_list = is_eos.tolist(), at_limit.tolist()
-        for i, slot in enumerate(owners.tolist()):  # per request: text, stop strings, events
-            tracked = self.tracked[slot]
-            if tracked.attention is not None:
-                tracked.attention.append(attention[rows[i], : tracked.source_length].copy())
-            event, reason = tracked.on_token(chosen[i], scores[i], eos_list[i], limit_list[i],
-                                             _alternatives(choice.alternatives, i, tracked.params.top_logprobs))
-            if event is not None:
-                result.events.append((tracked.entry, event))
-            if reason is not None:
-                keep[i] = False
-                final_state = None
-                if getattr(tracked.entry.request, "return_final_state", False):
-                    final_state = tuple(s[rows[i] : rows[i] + 1].copy() for s in state)
-                result.events.append((tracked.entry, tracked.finish_event(reason, final_state, chosen[i])))
-                result.finished.append((tracked.entry, reason.value))
-                del self.tracked[slot]
-        choosers.advance(tokens)
+        choosers.advance(tokens, choice.log_probs)
+        ending = is_eos | at_limit
+        keep = ~ending
+        plain, table = choosers.plain, self.table
+        others = np.flatnonzero(~plain)
+        if table is not None and len(others) < len(plain):
+            # Plain rows that go on with whole characters: text by lookup, events built by the event loop.
+            simple = plain & ~ending & ~choosers.open_char & table.whole[tokens]
+            picked = np.flatnonzero(simple)
+            after_text = choosers.spoken
+            if picked.size:
+                chosen = tokens[picked]
+                texts = np.where(after_text[picked], table.spaced[chosen], table.texts[chosen])
+                result.tokens.append((choosers.tracked[picked], chosen.tolist(), texts.tolist()))
+            choosers.spoken = after_text | (plain & ~table.silent[tokens])
+            unsettled = np.flatnonzero(plain & ~simple)  # split characters, requests that end
+            for i in unsettled.tolist():
+                tracked = choosers.tracked[i]
+                token = int(tokens[i])
+                event, reason = tracked.on_plain_token(token, bool(after_text[i]), bool(is_eos[i]),
+                                                       bool(at_limit[i]))
+                choosers.open_char[i] = tracked.open_char
+                if event is not None:
+                    result.events.append((tracked.entry, event))
+                if reason is not None:
+                    self._finish(choosers, i, reason, token, rows, state, result)
+        if others.size:
+            chosen, scores = tokens[others].tolist(), choice.log_probs[others].tolist()
+            for i, token, score in zip(others.tolist(), chosen, scores, strict=True):  # rows with stop strings etc.
+                tracked = choosers.tracked[i]
+                if tracked.attention is not None:
+                    tracked.attention.append(attention[rows[i], : tracked.source_length].copy())
+                event, reason = tracked.on_token(token, score, bool(is_eos[i]), bool(at_limit[i]),
+                                                 _alternatives(choice.alternatives, i, tracked.params.top_logprobs))
+                if event is not None:
+                    result.events.append((tracked.entry, event))
+                if reason is not None:
+                    keep[i] = False
+                    self._finish(choosers, i, reason, token, rows, state, result)
         return (choosers.filter(keep) if not keep.all() else choosers), keep, tokens
+
+    def _settle(self, choosers: ChooserRows, row: int, drop_last: bool) -> Tracked:
+        """Copy a leaving row's tokens and summed log-prob from the columns into its Tracked."""
+        tracked = choosers.tracked[row]
+        tracked.generated = choosers.generated_ids(row, drop_last)
+        tracked.log_prob = float(choosers.log_prob[row])
+        return tracked
+
+    def _finish(self, choosers: ChooserRows, row: int, reason: FinishReason, token: int, rows: np.ndarray,
+                state: State, result: StepResult) -> None:
+        """Row `row` of `choosers` (batch row `rows[row]`) ended on `token`: its finish event."""
+        tracked = self._settle(choosers, row, drop_last=token == self.eos_id)
+        final_state = None
+        if getattr(tracked.entry.request, "return_final_state", False):
+            final_state = tuple(s[rows[row] : rows[row] + 1].copy() for s in state)
+        result.events.append((tracked.entry, tracked.finish_event(reason, final_state, token)))
+        result.finished.append((tracked.entry, reason.value))
+        del self.tracked[tracked.entry.slot]
 
     def _emit_beams(self, group: BeamGroupStep, result: StepResult) -> None:
         for slot, hypotheses in group.done.items():  # per finished request

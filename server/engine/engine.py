@@ -3,9 +3,11 @@
 The loop runs on a worker thread of its own: plan (scheduler), step (prefill, decode, choose, stop),
 repeat. Graph calls never block the asyncio loop, and the worker never waits for it either: each
 step's events are handed to the asyncio loop (`call_soon_threadsafe`), which delivers them to the
-request streams while the next step already runs. The scheduler is shared by both threads under one
-lock, held only for bookkeeping, never during a step. Requests enter through `submit` (generations,
-translations) and `feed` (sessions), validated once, here.
+request streams while the next step already runs. A decode step's events are handed over once the
+next step's decode call is entering ONNX Runtime on the decode thread: the event loop's Python then
+runs beside the graph call, instead of holding the GIL when a thread needs it to start one. The
+scheduler is shared by both threads under one lock, held only for bookkeeping, never during a step.
+Requests enter through `submit` (generations, translations) and `feed` (sessions), validated once, here.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ class ModelEngine:
         self.name = bundle.name
         self.version = bundle.version
         self.kind = "lm" if bundle.kind == ModelKind.MODEL_KIND_LM else "seq2seq"
-        self.runner = Runner(bundle)
+        self.runner = Runner(bundle, config.io_binding)
         self._core = EngineCore(bundle, self.runner)
         self._scheduler = Scheduler(config)
         self._metrics = (metrics if metrics is not None else Metrics()).for_model(self.name)
@@ -66,6 +68,7 @@ class ModelEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._accepting = False
         self._stop_at: float | None = None
+        self._held: StepResult | None = None  # the worker's last decode phase, posted when the next call runs
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -174,21 +177,35 @@ class ModelEngine:
             with self._lock:
                 while self._scheduler.idle and self._stop_at is None:
                     self._lock.wait()
-                if self._stop_at is not None and (self._scheduler.idle or time.monotonic() >= self._stop_at):
-                    return
-                plan = self._scheduler.plan(time.monotonic())
+                stopping = self._stop_at is not None and (self._scheduler.idle or time.monotonic() >= self._stop_at)
+                plan = None if stopping else self._scheduler.plan(time.monotonic())
+            if plan is None:
+                self._post_held()
+                return
             self._count_plan(plan)
-            # Two phases, each handed to the event loop as soon as it is done: rows leaving and joining
-            # (with the first tokens of the requests that joined), then the step of every row.
-            outcome = self._run_phase(functools.partial(self._core.admit, plan), plan)
+            # Two phases: rows leaving and joining (with the first tokens of the requests that joined),
+            # handed to the event loop as soon as it is done; then the step of every row, whose events are
+            # held until the next step's decode call has started (`_post_held`), so that the event loop's
+            # work on them runs beside that call rather than holding the GIL when this thread needs it.
+            admit = functools.partial(self._core.admit, plan, self._post_held)
+            outcome = self._run_phase(admit, plan)
             if outcome == _OK:
-                outcome = self._run_phase(self._core.decode, _NOTHING_PLANNED)
+                outcome = self._run_phase(self._core.decode, _NOTHING_PLANNED, hold=True)
+                with self._lock:
+                    idle = self._scheduler.idle
+                if idle:  # no next step to hide the delivery behind
+                    outcome = outcome if self._post_held() else _LOOP_GONE
             if outcome == _LOOP_GONE:
                 return
 
-    def _run_phase(self, phase: Callable[[], StepResult], plan: Plan) -> str:
-        """Run one phase of a step and post its outcome (with what `plan` ended): _OK, _FAILED (its
-        requests were failed) or _LOOP_GONE (nobody is left to serve)."""
+    def _post_held(self) -> bool:
+        """Post the held outcome of the last decode phase, if any; False if the event loop is gone."""
+        held, self._held = self._held, None
+        return held is None or self._post(_NOTHING_PLANNED, held, [], None)
+
+    def _run_phase(self, phase: Callable[[], StepResult], plan: Plan, hold: bool = False) -> str:
+        """Run one phase of a step and post its outcome (with what `plan` ended), or with `hold` keep it
+        for `_post_held`: _OK, _FAILED (its requests were failed) or _LOOP_GONE (nobody is left to serve)."""
         try:
             result = phase()
         except Exception as error:  # a failed graph call must not end the loop
@@ -198,15 +215,20 @@ class ModelEngine:
                 failed = [e for e in list(self._scheduler.active.values()) if self._scheduler.finish(e.slot)]
             self._metrics.active_rows.dec(sum(e.rows for e in failed))
             failure = SeqserveError(f"internal error while decoding: {error}")
-            return _FAILED if self._post(plan, StepResult(), failed, failure) else _LOOP_GONE
+            posted = self._post_held() and self._post(plan, StepResult(), failed, failure)
+            return _FAILED if posted else _LOOP_GONE
         with self._lock:  # free the rows now, so the next plan can use them
             for entry, _ in result.finished:
                 self._scheduler.finish(entry.slot)
             for entry, _, _ in result.feeds:
                 self._scheduler.finish(entry.slot)
         self._count_step(result)
-        if not (result.events or result.feeds or result.dropped or plan.drop or plan.expired or plan.withdrawn):
+        if not (result.events or result.tokens or result.feeds or result.dropped or plan.drop or plan.expired
+                or plan.withdrawn):
             return _OK  # nothing to deliver: spare the event loop a wake-up
+        if hold:
+            self._held = result  # the decode phase ends nothing that a plan ended: its plan is empty
+            return _OK
         return _OK if self._post(plan, result, [], None) else _LOOP_GONE
 
     def _post(self, plan: Plan, result: StepResult, failed: list[Entry], failure: SeqserveError | None) -> bool:
@@ -267,7 +289,7 @@ class ModelEngine:
         for entry, state, log_probs in result.feeds:
             if not entry.future.done():
                 entry.future.set_result((state, log_probs))
-        for entry, event in result.events:
+        for entry, event in result.all_events():  # plain rows' token events are made here, on this thread
             entry.stream.put(event)
         for entry in failed:
             self._end(entry, failure, "error")

@@ -6,6 +6,7 @@ worker thread, so the asyncio loop stays responsive while a graph runs.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -14,12 +15,17 @@ from seqserve.v1.manifest_pb2 import ModelKind
 from server.bundle import LoadedBundle, LoadedGraph
 from server.bundle.manifest import LAST_LOG_PROBS
 from server.engine.batch import DecodeBatch, State
+from server.engine.binding import BoundStep, device_of
+
+logger = logging.getLogger(__name__)
 
 
 class Runner:
     """Feeds a bundle's graphs by the names its manifest gives; state tensors in manifest order."""
 
-    def __init__(self, bundle: LoadedBundle):
+    def __init__(self, bundle: LoadedBundle, io_binding: str = "auto"):
+        """`io_binding` ("auto": where the session runs on a CUDA device, "on", "off"): the LM's decode
+        step keeps the state in ONNX Runtime buffers between steps (`server.engine.binding`)."""
         self.is_lm = bundle.kind == ModelKind.MODEL_KIND_LM
         self._prefill: LoadedGraph | None = None
         if self.is_lm:
@@ -42,6 +48,10 @@ class Runner:
         self._outputs = state_graph.output_names
         self._state_outputs = state_graph.state_outputs
         self._session = state_graph.session
+        self.bound: BoundStep | None = None
+        if self.is_lm and (io_binding == "on" or (io_binding == "auto" and device_of(self._step) == "cuda")):
+            self.bound = BoundStep(self._step, self._token_input, self._lengths_input, self.state_names,
+                                   self._state_outputs, self.state_shapes)
 
     def zero_state(self, rows: int) -> State:
         return tuple(np.zeros((rows, *shape), dtype=np.float32) for shape in self.state_shapes)
@@ -88,9 +98,17 @@ class Runner:
 
     def decode(self, batch: DecodeBatch) -> tuple[np.ndarray, State, np.ndarray | None]:
         """One token per row: (log_probs [B, V], new state, attention [B, S] or None for an LM)."""
+        if self.bound is not None:
+            try:
+                log_probs, state = self.bound.run(batch.tokens, batch.state)
+                return log_probs[:, 0], state, None
+            except Exception:  # not proven on every provider: serve on with plain calls
+                logger.exception("the decode step through IO binding failed; plain calls from now on")
+                self.bound = None
         if self.is_lm:
             ones = np.ones(len(batch), dtype=np.int64)
-            log_probs, state = self._run_step(self._lm_feeds(batch.tokens[:, None], ones, batch.state))
+            state = tuple(np.asarray(s) for s in batch.state)  # bound buffers, if binding was given up
+            log_probs, state = self._run_step(self._lm_feeds(batch.tokens[:, None], ones, state))
             return log_probs[:, 0], state, None
         feeds = {self._token_input: batch.tokens, "memory": batch.memory, "mask": batch.mask}
         feeds.update(zip(self.state_names, batch.state, strict=True))

@@ -4,7 +4,8 @@ Two problems meet here. A token's text can depend on its neighbours (byte-level 
 character over tokens; a word tokenizer puts a space *between* tokens), so a delta is the difference
 between decoding a short window of ids with and without the newest token (TGI's prefix/read offsets).
 And a stop string can arrive spread over several tokens, so text that might be the start of one is
-held back until the next token settles it; the text returned ends before the stop string.
+held back until the next token settles it; the text returned ends before the stop string. Where the
+tokenizer has a `TokenTable` the deltas come from it (no decode calls); the windows are the fallback.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from tokenizers import Tokenizer
+
+from server.engine.token_table import TableDecoder, TokenTable
 
 # Ids decoded again with every new token: enough for a multi-byte character or a word boundary.
 _CONTEXT_TOKENS = 4
@@ -61,8 +64,10 @@ class TextStream:
     anything after it excluded) and further pushes are ignored.
     """
 
-    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = (), context_ids: Sequence[int] = ()):
-        self._decoder = IncrementalDecoder(tokenizer, context_ids)
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = (), context_ids: Sequence[int] = (),
+                 table: TokenTable | None = None):
+        self._decoder = (TableDecoder(table, context_ids) if table is not None
+                         else IncrementalDecoder(tokenizer, context_ids))
         self._stop = tuple(stop)
         self._longest_stop = max((len(s) for s in self._stop), default=0)
         self._pending = ""  # decoded text that may be the start of a stop string

@@ -1,5 +1,7 @@
-"""What the worker remembers about each running request between steps: its text, tokens and scores,
-and the events those turn into. Per request (not per row) Python: this is the emitting side of a step.
+"""What the worker remembers about each running request between steps: its text, and the events its
+tokens turn into. A greedy or sampling row's tokens and summed log-prob live in the batch's columns
+(`ChooserRows`) and are copied here when it ends. Plain rows' text comes from the `TokenTable` (their
+whole text is decoded once, at the end); the others stream it through a `TextStream`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from server.decoding import FinishReason, Hypothesis
 from server.engine.requests import FinishEvent, State, TokenEvent, TranslationRequest
 from server.engine.scheduler import Entry
 from server.engine.text import TextStream
+from server.engine.token_table import TokenTable, Utf8Tail
 
 # finished_total{reason} labels beyond FinishReason: requests that ended without finishing.
 DEADLINE_LABEL = "deadline"
@@ -20,11 +23,14 @@ DEADLINE_LABEL = "deadline"
 @dataclass(eq=False)
 class Tracked:
     entry: Entry
-    text: TextStream  # greedy and sampling: the streamed text; beam: unused until the end
+    text: TextStream | None  # greedy and sampling rows that are not plain: the streamed text; else None
     prompt_tokens: int
     source_length: int = 0  # seq2seq: attention rows are cut to it
-    generated: list[int] = field(default_factory=list)
-    log_prob: float = 0.0
+    table: TokenTable | None = None  # plain rows: their text is decoded by it
+    after_text: bool = False  # plain rows: text came before theirs (a word tokenizer's separator first)
+    tail: Utf8Tail | None = None  # plain rows: a character split over tokens, while it is incomplete
+    generated: list[int] = field(default_factory=list)  # set when the request ends
+    log_prob: float = 0.0  # set when the request ends
     attention: list[np.ndarray] | None = None  # greedy/sampling rows asking for attention
     beam_trail: np.ndarray | None = None  # beam rows asking for attention: [K, steps, source_length]
     hypothesis_attention: dict[int, np.ndarray] = field(default_factory=dict)  # id(Hypothesis) -> rows
@@ -40,15 +46,14 @@ class Tracked:
 
     def on_token(self, token: int, log_prob: float, is_eos: bool, at_limit: bool,
                  alternatives: list[tuple[int, float]] | None) -> tuple[TokenEvent | None, FinishReason | None]:
-        """A greedy or sampling row chose `token`: the event to send (if any) and why it ended (if it did)."""
-        self.log_prob += log_prob
+        """A greedy or sampling row that is not plain chose `token`: the event to send (if any) and why it
+        ended (if it did)."""
         reason = None
         if is_eos:
             delta = self.text.finish()
             reason = FinishReason.STOP_SEQUENCE if self.text.stopped else FinishReason.EOS
             token_ids: list[int] = []
         else:
-            self.generated.append(token)
             token_ids = [token]
             delta = self.text.push(token)
             if self.text.stopped:
@@ -67,6 +72,37 @@ class Tracked:
         )
         return event, reason
 
+    def on_plain_token(self, token: int, after_text: bool, is_eos: bool, at_limit: bool
+                       ) -> tuple[TokenEvent | None, FinishReason | None]:
+        """A plain row's token that the step's table lookup did not settle: it opens or continues a
+        split character, or it ends the request (its text then flushed)."""
+        table, tail = self.table, self.tail
+        if is_eos:
+            delta = tail.flush() if tail is not None else ""
+            event = TokenEvent(token_ids=[], log_probs=None, top_alternatives=None, text=delta) if delta else None
+            return event, FinishReason.EOS
+        if tail is None and table.whole[token]:
+            delta = table.spaced[token] if after_text else table.texts[token]
+        else:
+            if tail is None:
+                tail = self.tail = Utf8Tail(table)
+            delta = tail.push(token)
+        if at_limit and tail is not None:
+            delta += tail.flush()
+        event = TokenEvent(token_ids=[token], log_probs=None, top_alternatives=None, text=delta)
+        return event, FinishReason.LENGTH if at_limit else None
+
+    @property
+    def open_char(self) -> bool:
+        """A plain row's bytes end inside a character."""
+        return self.tail is not None and self.tail.pending
+
+    def final_text(self, complete: bool = True) -> str:
+        """The text of the tokens generated; not `complete` (a cancelled request): only what was sent."""
+        if self.text is not None:
+            return self.text.text
+        return self.table.decode(self.generated, after_text=self.after_text, final=complete)
+
     def finish_event(self, reason: FinishReason, final_state: State | None = None,
                      last_token_id: int | None = None) -> FinishEvent:
         """The finish event of a greedy or sampling request (also a cancelled request's partial result)."""
@@ -75,9 +111,10 @@ class Tracked:
         if self.attention is not None:
             rows = np.stack(self.attention) if self.attention else np.zeros((0, self.source_length), np.float32)
             attention = [rows]
-        return FinishEvent(reason=reason, hypotheses=[hypothesis], text=self.text.text,
+        text = self.final_text(complete=reason is not FinishReason.CANCELLED)
+        return FinishEvent(reason=reason, hypotheses=[hypothesis], text=text,
                            generated_ids=list(self.generated), final_state=final_state,
-                           prompt_tokens=self.prompt_tokens, texts=[self.text.text],
+                           prompt_tokens=self.prompt_tokens, texts=[text],
                            last_token_id=last_token_id, attention=attention, seed=self._seed())
 
     def beam_events(self, hypotheses: list[Hypothesis], new_text) -> tuple[TokenEvent, FinishEvent]:

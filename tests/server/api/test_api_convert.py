@@ -12,6 +12,7 @@ from server.api import convert
 from server.api.convert import RequestLimits, params_from_pb
 from server.decoding import DecodingParams, FinishReason, Hypothesis
 from server.errors import InvalidArgument
+from training.tokenizer import train_tokenizer
 
 LIMITS = RequestLimits(default_max_new_tokens=20, max_new_tokens=50, default_beam_size=3, max_beam_size=8,
                        max_sources=4)
@@ -108,6 +109,15 @@ def test_hypothesis_and_chunk_messages():
     chunk = convert.chunk_to_pb([4, 6], "a c", 3, Vocab(), log_probs=[-0.1, -0.2])
     assert (list(chunk.tokens), chunk.first_token_index, list(chunk.log_probs)) == (["a", "c"], 3,
                                                                                  pytest.approx([-0.1, -0.2]))
+
+
+def test_chunks_of_a_real_tokenizer_carry_its_token_strings():
+    tokenizer = train_tokenizer("bpe", ["the cat sat on the mat", "héllo"] * 5, vocab_size=280)
+    size = tokenizer.get_vocab_size()
+    ids = [1, 5, 270, size - 1, size + 10]  # a special token, byte tokens, a merge, an id past the vocabulary
+    chunk = convert.chunk_to_pb(ids, "x", 0, tokenizer, into=pb.TokenChunk())
+    assert list(chunk.token_ids) == ids
+    assert list(chunk.tokens) == [tokenizer.id_to_token(i) or "" for i in ids] and chunk.tokens[-1] == ""
 
 
 def test_finish_reasons_all_map():

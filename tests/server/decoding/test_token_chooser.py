@@ -6,6 +6,7 @@ import pytest
 from server.decoding.chooser import TokenChooser
 from server.decoding.history import TokenHistory
 from server.decoding.params import DecodingParams
+from server.decoding.processors import default_processors
 from server.decoding.row_params import RowParams
 from server.decoding.sampling import sample_tokens
 
@@ -59,3 +60,29 @@ def test_beam_rows_are_refused():
     rows, history, log_probs = setup(DecodingParams(strategy="beam"))
     with pytest.raises(ValueError, match="BeamSearch"):
         TokenChooser(EOS).choose(log_probs, rows, history, np.zeros(1, np.int64))
+
+
+def test_greedy_rows_without_penalties_choose_as_the_processed_float64_path():
+    """The argmax shortcut (default chain, greedy rows, only min_new_tokens) equals the full path: ties,
+    <eos> as the maximum under and past min_new_tokens, -inf rows."""
+    rng = np.random.default_rng(5)
+    vocab, count = 12, 64
+    params = [DecodingParams(min_new_tokens=int(m)) for m in rng.integers(0, 4, count)]
+    rows = RowParams.concatenate([RowParams.from_params(p) for p in params])
+    history = TokenHistory.from_prompts([[1]] * count, vocab)
+    full_path = TokenChooser(EOS, processors=default_processors(EOS))  # an explicit chain: no shortcut
+    shortcut = TokenChooser(EOS)
+    assert shortcut._argmax_suffices(rows) and not full_path._argmax_suffices(rows)
+    for _ in range(30):
+        log_probs = np.round(rng.normal(size=(count, vocab)), 1).astype(np.float32)  # many ties
+        log_probs[rng.random(count) < 0.4, EOS] = 5.0  # <eos> is the maximum in many rows
+        log_probs[rng.random((count, vocab)) < 0.1] = -np.inf
+        log_probs[0] = -np.inf
+        steps = rng.integers(0, 5, count)
+        expected = full_path.choose(log_probs, rows, history, steps)
+        got = shortcut.choose(log_probs, rows, history, steps)
+        np.testing.assert_array_equal(got.tokens, expected.tokens)
+        np.testing.assert_array_equal(got.log_probs, expected.log_probs)
+        assert got.log_probs.dtype == expected.log_probs.dtype == np.float64
+    penalised = RowParams.concatenate([rows, RowParams.from_params(DecodingParams(repetition_penalty=1.2))])
+    assert not shortcut._argmax_suffices(penalised)

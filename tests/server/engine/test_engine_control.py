@@ -318,22 +318,22 @@ def test_joining_requests_get_their_first_token_before_the_step_of_everyone_else
     joining = [entry(1, DecodingParams(max_new_tokens=8)), entry(2, DecodingParams(strategy="beam", beam_size=3)),
                entry(3, DecodingParams(max_new_tokens=1))]
     admitted = core.admit(Plan(admit=joining))
-    firsts = {e.slot: ev for e, ev in admitted.events if isinstance(ev, TokenEvent)}
+    firsts = {e.slot: ev for e, ev in admitted.all_events() if isinstance(ev, TokenEvent)}
     assert set(firsts) == {1, 3}  # greedy ones: a token each; beam: nothing yet; `running`: not stepped
     assert [(e.slot, reason) for e, reason in admitted.finished] == [(3, "length")]
     assert admitted.rows == 0 and admitted.generated_tokens == 2
     # `running`'s step ran during the admission; the admitted rows join once it is done.
     assert core.batch.owners.tolist() == [0]
     stepped = core.decode()
-    assert [e.slot for e, ev in stepped.events if isinstance(ev, TokenEvent)] == [0] and stepped.rows == 1
+    assert [e.slot for e, ev in stepped.all_events() if isinstance(ev, TokenEvent)] == [0] and stepped.rows == 1
     assert sorted(core.batch.owners.tolist()) == [0, 1, 2, 2, 2]
     stepped = core.decode()
-    assert {e.slot for e, ev in stepped.events if isinstance(ev, TokenEvent)} == {0, 1}
+    assert {e.slot for e, ev in stepped.all_events() if isinstance(ev, TokenEvent)} == {0, 1}
     assert stepped.rows == 5
     core.close()
 
     # The first token is the one the reference greedy decoder picks: the same as joining an empty batch.
     alone = EngineCore(bundle, Runner(bundle))
-    (_, event), = alone.admit(Plan(admit=[entry(1, DecodingParams(max_new_tokens=8))])).events
+    (_, event), = alone.admit(Plan(admit=[entry(1, DecodingParams(max_new_tokens=8))])).all_events()
     assert event.token_ids == firsts[1].token_ids
     alone.close()
