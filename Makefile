@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
-APT_PACKAGES := trans-de-en fortunes fortunes-min prometheus docker-compose
+APT_PACKAGES := trans-de-en fortunes fortunes-min prometheus docker-compose redis-server nginx
 
 .PHONY: setup setup-system serve test lint proto
 
