@@ -562,12 +562,29 @@ class SessionManager:
                     self._ended[session_id] = why
         return expired
 
+    def _unindex_idle(self, now: float) -> None:
+        """With a shared store, drop from this process's index the sessions idle here past their TTL: another
+        replica may be using them (the store says, when one comes back here) or have ended them."""
+        heap = self._expiry
+        while heap and heap[0][0] <= now:
+            _, session_id = heapq.heappop(heap)
+            live = self._live.get(session_id)
+            if live is None:
+                continue
+            if live.line.busy or live.expires_at > now:
+                heapq.heappush(heap, (max(live.expires_at, now + 1.0), session_id))
+                continue
+            del self._live[session_id]
+            self.metrics.sessions_active.labels(model=live.model).dec()
+            self.metrics.session_state_bytes.labels(model=live.model).dec(live.state_bytes)
+
     async def _sweep_forever(self) -> None:
         while True:
             await asyncio.sleep(self.limits.sweep_seconds)
             try:
                 if self.shared:
                     await self._expire_stored(self.clock())
+                    self._unindex_idle(self.clock())
                 else:
                     self._expire_due(self.clock())
             except Exception:  # never let bookkeeping end the sweeper

@@ -145,3 +145,37 @@ def test_a_session_of_another_bundle_is_refused_naming_it(lm_repository, store_u
             await manager.feed(session_id, "x")
 
     lifetime(lm_repository, store_url, second, T0 + 1)
+
+
+def test_store_calls_are_timed_and_a_store_gone_away_is_unavailable(lm_repository, tmp_path):
+    from live_services import RedisServer
+
+    from server.errors import Unavailable
+
+    redis = RedisServer(tmp_path)
+
+    async def go():
+        prom = CollectorRegistry()
+        metrics = Metrics(prom)
+        registry = ModelRegistry(lm_repository, metrics=metrics, session_options={"intra_op_num_threads": 1})
+        await registry.start()
+        manager = SessionManager(registry, store=open_store(redis.url), metrics=metrics)
+        await manager.start()
+        try:
+            session = await manager.create("tiny-lm", 0, "the")
+            await manager.feed(session.session_id, " cat")
+            assert prom.get_sample_value("seqserve_session_store_seconds_count", {"op": "put"}) == 2
+            assert prom.get_sample_value("seqserve_session_store_seconds_count", {"op": "get"}) >= 1
+            redis.stop()
+            with pytest.raises(Unavailable, match=f"session store is unavailable: session_store {redis.url}"):
+                await manager.feed(session.session_id, " sat")
+            assert prom.get_sample_value("seqserve_session_store_errors_total", {"op": "get"}) == 1
+        finally:
+            await manager.stop()
+            await registry.stop(1.0)
+
+    try:
+        asyncio.run(go())
+    finally:
+        if redis.process.poll() is None:
+            redis.stop()

@@ -161,3 +161,23 @@ def test_bad_urls_are_refused_naming_the_setting():
         with pytest.raises(ValueError, match="session_store"):
             open_store(url)
     assert isinstance(open_store("memory"), InMemorySessionStore)
+
+
+def test_serve_refuses_a_bad_or_unreachable_store_at_start_up_naming_the_setting(lm_repository, capsys):
+    import logging
+    import socket
+
+    from server.cli import EXIT_CONFIG, EXIT_STARTUP, serve_main
+
+    common = ["--repository", str(lm_repository), "--port", "0", "--metrics-port", "-1", "--log-format", "text"]
+    assert serve_main([*common, "--session-store", "postgres://db/x"]) == EXIT_CONFIG
+    assert "session_store must be memory, sqlite:PATH or redis://HOST:PORT[/DB], got 'postgres://db/x'" in \
+        capsys.readouterr().err
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    try:
+        assert serve_main([*common, "--session-store", f"redis://127.0.0.1:{port}/0"]) == EXIT_STARTUP
+    finally:
+        logging.getLogger().handlers.clear()
+    assert f"session_store redis://127.0.0.1:{port}/0: Redis does not answer" in capsys.readouterr().err
