@@ -219,7 +219,8 @@ class SeqserveServicer(pb_grpc.SeqserveServicer):
         await self._sessions.ensure(request.session_id)  # no wait for a session this process knows
         generation = self._sessions.generate(request.session_id, params,
                                              leave_unchanged=request.leave_session_unchanged,
-                                             request_id=request.request_id or request_id)
+                                             request_id=request.request_id or request_id,
+                                             retry_id=request.request_id)
         try:
             model = ServedModel(await generation.ready(), self._limits)
             async for item in self._chunks(generation, model, _TokenLog(), arrived, pb.GenerateResponse,

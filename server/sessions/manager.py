@@ -57,6 +57,7 @@ class SessionLimits:
     history_tokens: int = 1024  # the end of a session's text that penalties and detokenisation look back on
     tombstones: int = 10_000  # ended ids remembered, to say why they are gone
     sweep_seconds: float = 1.0  # how often expired sessions are looked for (they also expire when touched)
+    applied_ids: int = 32  # request_ids a session remembers (with their answers), so a retry is applied once
 
     def __post_init__(self):
         for name in ("max_sessions", "default_ttl_seconds", "max_ttl_seconds", "max_input_tokens", "history_tokens",
@@ -242,18 +243,23 @@ class SessionManager:
                     return result
                 else:
                     record = record.touched(self.clock())
+                # What a retry is answered with: the ids only when the answer carries them (log-probs asked for).
+                remembered = dataclasses.asdict(result) if want_log_probs else dataclasses.asdict(
+                    dataclasses.replace(result, token_ids=[]))
                 try:
-                    await self._save(record.with_applied(request_id, dataclasses.asdict(result)))
+                    await self._save(record.with_applied(request_id, remembered, self.limits.applied_ids))
                     return result
                 except StoreConflict:
                     if attempt == self.conflict_retries:
                         raise _aborted(session_id, "Feed") from None
 
     def generate(self, session_id: str, params: DecodingParams, *, leave_unchanged: bool = False,
-                 request_id: str = "") -> SessionGeneration:
+                 request_id: str = "", retry_id: str = "") -> SessionGeneration:
         """Acknowledge a generation now (its place in the session's order); iterate the result for events.
 
-        FailedPrecondition if the session already has a generation acknowledged and not over.
+        FailedPrecondition if the session already has a generation acknowledged and not over. A `retry_id`
+        (a client's request_id) that the session already applied replays that generation's result instead.
+        With a shared store, `await ensure(session_id)` first.
         """
         live = self._lookup(session_id)  # (the caller awaited ensure(session_id) first)
         if live.line.generating:
@@ -261,7 +267,7 @@ class SessionManager:
                                      "generation at a time (wait for it to finish or cancel it)")
         turn = self._join(session_id, generates=True)
         generation = SessionGeneration(self, session_id, turn, params, leave_unchanged,
-                                       request_id or secrets.token_hex(8))
+                                       request_id or secrets.token_hex(8), retry_id)
         self._keep(generation.task)
         return generation
 
@@ -385,7 +391,7 @@ class SessionManager:
 
         return await self._retrying(engine, call)
 
-    async def park(self, record: SessionRecord, engine: ModelEngine, finish: FinishEvent) -> int:
+    async def park(self, record: SessionRecord, engine: ModelEngine, finish: FinishEvent, retry_id: str = "") -> int:
         """Add a finished (or cancelled) generation's tokens to the session; its new tokens_consumed.
 
         The session takes every token the engine chose before it stopped: those of a matched stop
@@ -402,6 +408,11 @@ class SessionManager:
         else:  # beam search returns no state: read the chosen tokens in one batched prefill
             state, _ = await _feed_all(engine, record.state, [record.last_token_id, *chosen[:-1]])
         record = record.advanced(state, chosen, self.clock(), self.limits.history_tokens)
+        best = finish.hypotheses[0] if finish.hypotheses else None
+        record = record.with_applied(retry_id, {
+            "token_ids": list(finish.generated_ids), "text": finish.text, "reason": finish.reason.value,
+            "log_prob": best.log_prob if best is not None else 0.0, "tokens_consumed": record.tokens_consumed},
+            self.limits.applied_ids)
         try:
             await self._save(record)
         except StoreConflict:

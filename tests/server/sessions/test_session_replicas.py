@@ -111,3 +111,23 @@ def test_two_replicas_hammering_one_session_lose_no_feed_and_apply_retries_once(
     finally:
         for channel in channels:
             channel.close()
+
+
+def test_a_generation_retried_with_its_request_id_is_applied_once(replicas):
+    channels, (a, b) = stubs(replicas)
+    try:
+        session_id = a.CreateSession(pb.CreateSessionRequest(model="tiny-lm", prefix="the dog")).session_id
+        request = pb.GenerateInSessionRequest(session_id=session_id, request_id="turn-1",
+                                              options=pb.DecodingOptions(max_new_tokens=8, min_new_tokens=8))
+        first = list(a.GenerateInSession(request))
+        again = list(b.GenerateInSession(request))  # the client's retry, landing on the other replica
+        tokens = [[t for r in answer[:-1] for t in r.chunk.token_ids] for answer in (first, again)]
+        assert tokens[0] == tokens[1] and len(tokens[0]) == 8
+        assert first[-1].done.text == again[-1].done.text
+        assert first[-1].done.session_tokens_consumed == again[-1].done.session_tokens_consumed == 7 + 8
+        assert b.GetSession(pb.GetSessionRequest(session_id=session_id)).tokens_consumed == 7 + 8
+        request.request_id = "turn-2"  # a new id generates anew
+        assert list(a.GenerateInSession(request))[-1].done.session_tokens_consumed == 7 + 16
+    finally:
+        for channel in channels:
+            channel.close()
