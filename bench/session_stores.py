@@ -5,7 +5,8 @@ with `appendfsync always`, as compose runs it) and N concurrent client sessions,
 (a prefix), then rounds of Feed + GenerateInSession (greedy, the generated tokens kept), then
 CloseSession. Reported per store: create / feed / generate latency p50 and p99, the session mix's
 tokens/s (fed + generated tokens over the wall time of the whole mix), and the stored bytes per
-session. Run through `python bench/sessions.py --stores memory,sqlite,redis`.
+session. The three servers run side by side and the mixes take turns (`repeats` rounds of them).
+Run through `python bench/sessions.py --stores memory,sqlite,redis`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import random
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -172,24 +174,41 @@ def _stored_bytes(store: str, directory: Path, redis: _Redis | None, target: str
 
 
 def compare(repository: Path, model: str, words: list[str], *, stores=STORES, sessions: int = 32, rounds: int = 5,
-            feed_words: int = 10, new_tokens: int = 20, threads: int = 1, seed: int = 0) -> dict:
-    results = {}
-    for store in stores:
-        with tempfile.TemporaryDirectory(prefix=f"seqserve-bench-{store}-") as temp:
-            directory = Path(temp)
-            redis = _Redis(directory) if store == "redis" else None
-            url = {"memory": "memory", "sqlite": f"sqlite:{directory}/sessions.db",
-                   "redis": f"redis://127.0.0.1:{redis.port}/0" if redis else ""}[store]
-            server = _Server(repository, url, threads, directory)
-            try:
-                target = f"127.0.0.1:{server.port}"
-                asyncio.run(_mix(target, model, words, 4, 1, feed_words, new_tokens, seed + 999))  # warm-up
-                results[store] = asyncio.run(_mix(target, model, words, sessions, rounds, feed_words, new_tokens, seed))
-                results[store]["stored_bytes_per_session"] = _stored_bytes(store, directory, redis, target, model, 200)
-            finally:
+            feed_words: int = 10, new_tokens: int = 20, threads: int = 1, seed: int = 0, repeats: int = 3) -> dict:
+    """Every store's server is started first and the mixes then run in turn (memory, sqlite, redis, memory,
+    ...), `repeats` times: on a shared machine whose load drifts, each store sees the same drift. Figures
+    are the medians over the repeats; `tokens_per_s_runs` keeps every run."""
+    results: dict = {}
+    with tempfile.TemporaryDirectory(prefix="seqserve-bench-stores-") as temp:
+        root = Path(temp)
+        servers, redis = {}, None
+        try:
+            for store in stores:
+                directory = root / store
+                directory.mkdir()
+                if store == "redis":
+                    redis = _Redis(directory)
+                url = {"memory": "memory", "sqlite": f"sqlite:{directory}/sessions.db",
+                       "redis": f"redis://127.0.0.1:{redis.port}/0" if redis else ""}[store]
+                servers[store] = _Server(repository, url, threads, directory)
+            runs: dict[str, list[dict]] = {store: [] for store in stores}
+            for server in servers.values():  # warm-up
+                asyncio.run(_mix(f"127.0.0.1:{server.port}", model, words, 4, 1, feed_words, new_tokens, seed + 999))
+            for repeat in range(repeats):
+                for store, server in servers.items():
+                    runs[store].append(asyncio.run(_mix(f"127.0.0.1:{server.port}", model, words, sessions, rounds,
+                                                        feed_words, new_tokens, seed + repeat)))
+            for store, server in servers.items():
+                median = {key: statistics.median(run[key] for run in runs[store]) for key in runs[store][0]}
+                median["tokens_per_s_runs"] = [run["tokens_per_s"] for run in runs[store]]
+                median["stored_bytes_per_session"] = _stored_bytes(store, root / store, redis,
+                                                                   f"127.0.0.1:{server.port}", model, 200)
+                results[store] = median
+        finally:
+            for server in servers.values():
                 server.stop()
-                if redis is not None:
-                    redis.stop()
+            if redis is not None:
+                redis.stop()
     return results
 
 
@@ -197,11 +216,13 @@ def report(results: dict, sessions: int) -> str:
     ms = 1e3
     base = results.get("memory", {}).get("tokens_per_s")
     lines = [f"| store | create p50 / p99 | feed p50 / p99 | generate p50 / p99 | session-mix tokens/s "
-             f"({sessions} sessions) | vs memory | stored bytes per session |", "|---|---|---|---|---|---|---|"]
+             f"({sessions} sessions; median, runs) | vs memory | stored bytes per session |",
+             "|---|---|---|---|---|---|---|"]
     for store, r in results.items():
         versus = f"{r['tokens_per_s'] / base:.0%}" if base else "-"
         lines.append(f"| {store} | {r['create_p50_s'] * ms:.1f} / {r['create_p99_s'] * ms:.1f} ms | "
                      f"{r['feed_p50_s'] * ms:.1f} / {r['feed_p99_s'] * ms:.1f} ms | "
                      f"{r['generate_p50_s'] * ms:.1f} / {r['generate_p99_s'] * ms:.1f} ms | "
-                     f"{r['tokens_per_s']:,.0f} | {versus} | {r['stored_bytes_per_session']:,.0f} |")
+                     f"{r['tokens_per_s']:,.0f} ({', '.join(f'{t:,.0f}' for t in r['tokens_per_s_runs'])}) | "
+                     f"{versus} | {r['stored_bytes_per_session']:,.0f} |")
     return "\n".join(lines)

@@ -216,6 +216,7 @@ def main(argv=None) -> int:
     parser.add_argument("--stores", default="", help="compare these session stores (memory,sqlite,redis) instead")
     parser.add_argument("--mix-sessions", type=int, default=32, help="--stores: concurrent sessions")
     parser.add_argument("--mix-rounds", type=int, default=5, help="--stores: feed + generate rounds per session")
+    parser.add_argument("--mix-repeats", type=int, default=3, help="--stores: mixes per store, taking turns")
     args = parser.parse_args(argv)
 
     spec = models.BENCH_LMS[args.model]
@@ -228,7 +229,8 @@ def main(argv=None) -> int:
         if unknown:
             parser.error(f"--stores: unknown {', '.join(sorted(unknown))}; known: {', '.join(session_stores.STORES)}")
         results = session_stores.compare(bundle.repository, bundle.name, models.lm_words(spec), stores=stores,
-                                         sessions=args.mix_sessions, rounds=args.mix_rounds, threads=args.threads)
+                                         sessions=args.mix_sessions, rounds=args.mix_rounds, threads=args.threads,
+                                         repeats=args.mix_repeats)
         print(f"{bundle.name}: {spec.cell.upper()} E={spec.embedding_size} H={spec.hidden_size} "
               f"{spec.num_layers} layers V={spec.vocab_size}; {args.mix_sessions} sessions x {args.mix_rounds} rounds "
               f"(feed 10 words, generate 20 tokens); {platform.processor() or platform.machine()}\n")

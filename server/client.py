@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import sys
+import uuid
 
 import grpc
 from google.protobuf import json_format
@@ -28,6 +29,14 @@ from seqserve.v1.manifest_pb2 import ModelKind
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 SESSION_ID_METADATA = "x-session-id"  # sent with every call on a session, for a balancer to hash on
+# A call on a session refused with UNAVAILABLE (a draining replica, a balancer between replicas) is sent
+# again: behind nginx it reaches the next replica once the draining one has closed. Feed and generate
+# carry a request_id, so a retried one is applied once.
+RETRY_UNAVAILABLE = json.dumps({"methodConfig": [{
+    "name": [{"service": "seqserve.v1.Seqserve", "method": method} for method in (
+        "Feed", "GenerateInSession", "ForkSession", "GetSession", "CloseSession", "ExportSession")],
+    "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.25s", "maxBackoff": "1s", "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"]}}]})
 EXIT_FAILED_CALL = 1
 EXIT_USAGE = 2
 _SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "seed")
@@ -156,7 +165,8 @@ class Client:
 
     def __init__(self, target: str, timeout: float | None = None, token: str | None = None,
                  request_id: str | None = None):
-        self.channel = grpc.insecure_channel(target)
+        self.channel = grpc.insecure_channel(target, options=[("grpc.enable_retries", 1),
+                                                              ("grpc.service_config", RETRY_UNAVAILABLE)])
         self.stub = pb_grpc.SeqserveStub(self.channel)
         self.timeout = timeout
         self.metadata = []
@@ -283,11 +293,12 @@ def run_session(client: Client, args, as_json: bool) -> None:
         text = " ".join(args.text)
         _check_utf8("text", text)
         answer = client.call("Feed", pb.FeedRequest(session_id=args.session_id, text=text,
-                                                    return_log_probs=args.log_probs, request_id=client.request_id))
+                                                    return_log_probs=args.log_probs,
+                                                    request_id=client.request_id or uuid.uuid4().hex))
     elif action == "generate":
         request = pb.GenerateInSessionRequest(session_id=args.session_id, options=decoding_options(args),
                                               leave_session_unchanged=args.leave_unchanged,
-                                              request_id=client.request_id)
+                                              request_id=client.request_id or uuid.uuid4().hex)
         _stream(client.call("GenerateInSession", request), as_json)
         return
     elif action == "export":

@@ -132,6 +132,7 @@ class SessionManager:
         self._expiry: list[tuple[float, str]] = []  # heap of (expires_at, id), at least one entry per session
         self._ended: OrderedDict[str, str] = OrderedDict()  # id -> why it is gone (bounded)
         self._tasks: set[asyncio.Task] = set()
+        self._deletes: set[asyncio.Future] = set()  # store deletes of sessions ended from synchronous code
         self._sweeper: asyncio.Task | None = None
 
     def __len__(self) -> int:
@@ -164,6 +165,7 @@ class SessionManager:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._deletes, return_exceptions=True)  # ends are kept, also on the way out
         await self.store.close()
 
     async def ensure(self, session_id: str) -> None:
@@ -527,7 +529,9 @@ class SessionManager:
         """`_end` from synchronous code: the store's delete runs in the background."""
         why = self._forget(session_id, reason)
         if why is not None:
-            self._keep(asyncio.ensure_future(self._delete_logged(session_id, why)))
+            delete = asyncio.ensure_future(self._delete_logged(session_id, why))
+            self._deletes.add(delete)
+            delete.add_done_callback(self._deletes.discard)
 
     async def _delete_logged(self, session_id: str, why: str) -> None:
         try:

@@ -78,12 +78,17 @@ class SessionRecord:
         """The record used at `used_at` without a change to its text (a new revision all the same)."""
         return replace(self, last_used_at=used_at, revision=self.revision + 1)
 
-    def with_applied(self, request_id: str, result: dict, keep: int = 8) -> SessionRecord:
-        """The record remembering that the operation `request_id` gave `result` (the last `keep` ids)."""
+    def with_applied(self, request_id: str, result: dict, keep: int = 8, token_budget: int = 4096) -> SessionRecord:
+        """The record remembering that the operation `request_id` gave `result`: the last `keep` ids, fewer if
+        their answers hold more than `token_budget` token ids together (a record is written at every change)."""
         if not request_id:
             return self
-        applied = tuple(item for item in self.applied if item[0] != request_id) + ((request_id, result),)
-        return replace(self, applied=applied[-keep:])
+        applied = list(item for item in self.applied if item[0] != request_id) + [(request_id, result)]
+        applied = applied[-keep:]
+        held = sum(len(answer.get("token_ids") or ()) for _, answer in applied)
+        while len(applied) > 1 and held > token_budget:
+            held -= len(applied.pop(0)[1].get("token_ids") or ())
+        return replace(self, applied=tuple(applied))
 
     def applied_result(self, request_id: str) -> dict | None:
         """What the operation `request_id` gave, if this session applied it (among its last few)."""

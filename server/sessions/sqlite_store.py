@@ -53,7 +53,11 @@ class SqliteSessionStore(SessionStore):
         self._thread = threading.Thread(target=self._work, args=(asyncio.get_running_loop(), opened),
                                         name="session-store-sqlite", daemon=True)
         self._thread.start()
-        await opened
+        try:
+            await opened
+        except StoreUnavailable:
+            self._thread = None
+            raise
 
     async def close(self) -> None:
         if self._thread is None:

@@ -1,7 +1,8 @@
 """deploy/nginx/nginx.conf in front of three `seqserve serve` replicas on one redis-server, all real
 processes: conversations run through nginx (hashing on x-session-id); the replica serving one of them is
-killed with SIGKILL mid-conversation; every conversation continues on another replica, and every output
-equals a single-server run of the same conversations token for token."""
+killed with SIGKILL mid-conversation, later another one drains (SIGTERM) and exits; every conversation
+continues on another replica, and every output equals a single-server run of the same conversations token
+for token."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 ROOT = Path(__file__).resolve().parents[2]
 NGINX_CONF = ROOT / "deploy" / "nginx" / "nginx.conf"
-CONVERSATIONS, ROUNDS, KILL_AFTER_ROUND = 6, 4, 1
+CONVERSATIONS, ROUNDS, KILL_AFTER_ROUND, DRAIN_AFTER_ROUND = 6, 4, 1, 2
 OPTIONS = pb.DecodingOptions(max_new_tokens=6, min_new_tokens=6)
 WORDS = "the cat sat on a mat dog ran under log big small red blue".split()
 
@@ -111,12 +112,21 @@ def test_conversations_survive_the_death_of_their_replica(repository, redis_serv
         serving = upstream_of(log, first.session_id)[-1]
         victim = next(r for r in replicas if serving.endswith(f":{r.port}"))
         victim.kill()
-        for number in range(KILL_AFTER_ROUND + 1, ROUNDS):
+        for number in range(KILL_AFTER_ROUND + 1, DRAIN_AFTER_ROUND + 1):
             for conversation in conversations:
                 conversation.round(number)
         # The victim's conversation moved: its later calls were answered by another replica.
         later = upstream_of(log, first.session_id)[-1]
         assert not later.endswith(f":{victim.port}"), later
+        # A replica that drains (SIGTERM) and exits: its conversations continue on the last one.
+        drained = next(r for r in replicas if later.endswith(f":{r.port}"))
+        drained.stop()
+        assert drained.process.returncode == 0
+        for number in range(DRAIN_AFTER_ROUND + 1, ROUNDS):
+            for conversation in conversations:
+                conversation.round(number)
+        survivor = next(r for r in replicas if r not in (victim, drained))
+        assert upstream_of(log, first.session_id)[-1].endswith(f":{survivor.port}")
     finally:
         channel.close()
         proxy.terminate()
