@@ -131,3 +131,21 @@ def test_a_generation_retried_with_its_request_id_is_applied_once(replicas):
     finally:
         for channel in channels:
             channel.close()
+
+
+def test_converse_on_one_replica_continues_a_session_of_the_other(replicas):
+    channels, (a, b) = stubs(replicas)
+    try:
+        session_id = a.CreateSession(pb.CreateSessionRequest(model="tiny-lm", prefix="a cat")).session_id
+        requests = [pb.ConverseRequest(request_tag="f", feed=pb.FeedRequest(session_id=session_id, text=" ran")),
+                    pb.ConverseRequest(request_tag="g", generate=pb.GenerateInSessionRequest(
+                        session_id=session_id, options=pb.DecodingOptions(max_new_tokens=5, min_new_tokens=5))),
+                    pb.ConverseRequest(request_tag="s", get=pb.GetSessionRequest(session_id=session_id))]
+        answers = list(b.Converse(iter(requests)))
+        assert not [r for r in answers if r.HasField("error")], answers
+        assert [r.feed.tokens_consumed for r in answers if r.request_tag == "f"] == [9]
+        assert [r.get.tokens_consumed for r in answers if r.request_tag == "s"] == [9 + 5]
+        assert a.GetSession(pb.GetSessionRequest(session_id=session_id)).tokens_consumed == 9 + 5
+    finally:
+        for channel in channels:
+            channel.close()
