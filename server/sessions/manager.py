@@ -112,6 +112,16 @@ class _Live:
         return self.last_used_at + self.ttl_seconds
 
 
+class _Adoption:
+    """A shared store's session being looked up for this process, and the operations waiting for it."""
+
+    __slots__ = ("done", "last_waiter")
+
+    def __init__(self, done: asyncio.Future):
+        self.done = done
+        self.last_waiter: asyncio.Future | None = None
+
+
 class SessionManager:
     """Sessions of every model of `registry` (anything with `await get(name, version) -> ModelEngine`)."""
 
@@ -127,7 +137,7 @@ class SessionManager:
         self.signing_key = signing_key
         self.conflict_retries = 3  # an operation that loses a race with another replica runs again this often
         self.clock = clock
-        self._adopting: dict[str, asyncio.Future] = {}
+        self._adopting: dict[str, _Adoption] = {}
         self._live: OrderedDict[str, _Live] = OrderedDict()  # least recently used first
         self._expiry: list[tuple[float, str]] = []  # heap of (expires_at, id), at least one entry per session
         self._ended: OrderedDict[str, str] = OrderedDict()  # id -> why it is gone (bounded)
@@ -170,14 +180,27 @@ class SessionManager:
 
     async def ensure(self, session_id: str) -> None:
         """Make a session this process has not seen (a shared store's, another replica's) known here; raise
-        NOT_FOUND saying why if the store has no such session. Returns at once (no await) for a known one."""
-        if session_id in self._live:
-            return
-        pending = self._adopting.get(session_id)
-        if pending is None:
-            pending = self._adopting[session_id] = asyncio.ensure_future(self._adopt(session_id))
-            pending.add_done_callback(lambda _: self._adopting.pop(session_id, None))
-        await asyncio.shield(pending)
+        NOT_FOUND saying why if the store has no such session. Returns at once (no await) for a known one.
+
+        Callers join the session's line right after this returns, without awaiting in between: the
+        operations that waited for one adoption return in their order of arrival (each after the one before
+        it), and so join the line in that order, also before an operation that arrives meanwhile.
+        """
+        adoption = self._adopting.get(session_id)
+        if adoption is None:
+            if session_id in self._live:
+                return
+            adoption = self._adopting[session_id] = _Adoption(asyncio.ensure_future(self._adopt(session_id)))
+        previous, mine = adoption.last_waiter, asyncio.get_running_loop().create_future()
+        adoption.last_waiter = mine
+        try:
+            await asyncio.shield(adoption.done)
+            if previous is not None and not previous.done():
+                await asyncio.shield(previous)
+        finally:
+            mine.set_result(None)  # the next waiter runs after this one has joined (it resumes via the loop)
+            if adoption.last_waiter is mine and self._adopting.get(session_id) is adoption:
+                del self._adopting[session_id]
 
     async def _adopt(self, session_id: str) -> None:
         if not session_id or session_id in self._ended:
@@ -220,7 +243,9 @@ class SessionManager:
         await self.ensure(session_id)
         async with self._join(session_id):
             for attempt in range(self.conflict_retries + 1):
-                record = await self.record_of(session_id)
+                # First from this process's copy (a shared store's may be stale: the write's compare-and-set
+                # says so, and the feed runs again on a fresh read); never stale twice.
+                record = await self.record_of(session_id, cached=attempt == 0)
                 applied = record.applied_result(request_id)
                 if applied is not None:
                     return FeedResult(**applied)
@@ -351,9 +376,10 @@ class SessionManager:
 
     # --- for SessionGeneration ------------------------------------------------------------------
 
-    async def record_of(self, session_id: str) -> SessionRecord:
+    async def record_of(self, session_id: str, cached: bool = False) -> SessionRecord:
+        """The session's record from the store (with `cached`, this process's copy if it has one)."""
         live = self._lookup(session_id)
-        record = await self.store.get(session_id)
+        record = await (self.store.get_cached(session_id) if cached else self.store.get(session_id))
         if record is None:
             why = await self.store.ended(session_id)  # ended by another replica, or lost by the store
             self._forget(session_id, None, why or "is no longer stored; create a new one")

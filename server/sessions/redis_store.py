@@ -5,7 +5,9 @@ two sorted sets, by last use (the LRU cap) and by expiry (the sweep). Every writ
 atomic in Redis: a put stores the record only over the revision it was read at (compare-and-set), so
 two replicas never both apply an operation to the same version of a session; an expiry deletes only a
 session whose stored idle time ran out (another replica may have just used it). Ended ids and why they
-ended are kept, bounded, in a hash and a sorted set by age.
+ended are kept, bounded, in a hash and a sorted set by age. Records this replica read or wrote are kept
+(bounded) for `get_cached`: a Feed starts from them without a round trip, and if another replica changed
+the session meanwhile, its compare-and-set fails and it runs again on a fresh read.
 
 Durability is Redis's: with `appendonly yes` and `appendfsync always` a write is on disk when Redis
 answers it (see docs/sessions.md for what a Redis failover loses).
@@ -14,6 +16,7 @@ answers it (see docs/sessions.md for what a Redis failover loses).
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 
 from server.sessions.record import SessionRecord
 from server.sessions.store import SessionStore, StoreConflict, StoredSession, StoreUnavailable
@@ -57,11 +60,14 @@ return 1
 class RedisSessionStore(SessionStore):
     shared = True
 
-    def __init__(self, url: str, *, tombstones: int = 10_000, setting: str = "session_store"):
+    def __init__(self, url: str, *, tombstones: int = 10_000, setting: str = "session_store",
+                 cache_records: int = 4096):
         import redis.asyncio as redis
 
         self.url = url
         self.tombstones = tombstones
+        self._cache: OrderedDict[str, SessionRecord] = OrderedDict()  # what this replica last read or wrote
+        self._cache_records = cache_records
         self._setting = setting
         self._errors = (redis.RedisError, OSError)
         try:
@@ -83,7 +89,27 @@ class RedisSessionStore(SessionStore):
 
     async def get(self, session_id: str) -> SessionRecord | None:
         data = await self._call(self._redis.hget(_key(session_id), "record"), "reading")
-        return None if data is None else SessionRecord.from_bytes(data)
+        if data is None:
+            self._cache.pop(session_id, None)
+            return None
+        record = SessionRecord.from_bytes(data)
+        self._remember(record)
+        return record
+
+    async def get_cached(self, session_id: str) -> SessionRecord | None:
+        """What this replica last read or wrote (no round trip), else `get`: for operations that are cheap
+        to run again when a compare-and-set shows another replica changed the session meanwhile."""
+        record = self._cache.get(session_id)
+        if record is None:
+            return await self.get(session_id)
+        self._cache.move_to_end(session_id)
+        return record
+
+    def _remember(self, record: SessionRecord) -> None:
+        self._cache[record.session_id] = record
+        self._cache.move_to_end(record.session_id)
+        while len(self._cache) > self._cache_records:
+            self._cache.popitem(last=False)
 
     async def put(self, record: SessionRecord) -> None:
         meta = json.dumps([record.model, record.version, record.ttl_seconds, record.created_at, record.last_used_at,
@@ -93,13 +119,17 @@ class RedisSessionStore(SessionStore):
             args=[record.revision - 1, record.to_bytes(), meta, record.last_used_at, record.expires_at,
                   record.session_id]), "writing")
         if not stored:
+            self._cache.pop(record.session_id, None)
             raise StoreConflict(f"session {record.session_id} changed since revision {record.revision - 1}")
+        self._remember(record)
 
     async def delete(self, session_id: str, why: str = "was closed") -> None:
+        self._cache.pop(session_id, None)
         await self._call(self._delete(keys=[_key(session_id), _LRU, _EXPIRY, _ENDED, _WHY, _SEQ],
                                       args=[session_id, why, self.tombstones, ""]), "writing")
 
     async def expire(self, session_id: str, why: str, now: float) -> bool:
+        self._cache.pop(session_id, None)
         return bool(await self._call(self._delete(keys=[_key(session_id), _LRU, _EXPIRY, _ENDED, _WHY, _SEQ],
                                                   args=[session_id, why, self.tombstones, repr(now)]), "writing"))
 

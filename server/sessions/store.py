@@ -66,6 +66,11 @@ class SessionStore(ABC):
     async def get(self, session_id: str) -> SessionRecord | None:
         """The record, or None if the store does not have it."""
 
+    async def get_cached(self, session_id: str) -> SessionRecord | None:
+        """The record as this process last saw it, if it kept one (it may be stale for a shared store: a
+        write over it then fails with StoreConflict); else `get`."""
+        return await self.get(session_id)
+
     @abstractmethod
     async def put(self, record: SessionRecord) -> None:
         """Store `record` if the stored record is `record.revision - 1` (none for revision 1), durably
@@ -215,6 +220,9 @@ class MeasuredStore(SessionStore):
 
     async def get(self, session_id):
         return await self._timed("get", self.inner.get(session_id))
+
+    async def get_cached(self, session_id):
+        return await self._timed("get", self.inner.get_cached(session_id))
 
     async def put(self, record):
         return await self._timed("put", self.inner.put(record))

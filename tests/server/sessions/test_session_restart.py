@@ -168,8 +168,11 @@ def test_store_calls_are_timed_and_a_store_gone_away_is_unavailable(lm_repositor
             assert prom.get_sample_value("seqserve_session_store_seconds_count", {"op": "get"}) >= 1
             redis.stop()
             with pytest.raises(Unavailable, match=f"session store is unavailable: session_store {redis.url}"):
-                await manager.feed(session.session_id, " sat")
+                await manager.get(session.session_id)  # reads the store
             assert prom.get_sample_value("seqserve_session_store_errors_total", {"op": "get"}) == 1
+            with pytest.raises(Unavailable, match="session store is unavailable"):
+                await manager.feed(session.session_id, " sat")  # starts from this replica's copy; the write fails
+            assert prom.get_sample_value("seqserve_session_store_errors_total", {"op": "put"}) == 1
         finally:
             await manager.stop()
             await registry.stop(1.0)
