@@ -21,7 +21,8 @@ $(VENV)/.installed: pyproject.toml $(VENV)/.installed-serve
 
 setup: $(VENV)/.installed
 
-# Debian packages for the corpora and the Prometheus scrape test (root, or sudo, needed once).
+# Debian packages for the corpora, the Prometheus scrape test, and the real redis-server and nginx the
+# session tests start (root, or sudo, needed once).
 setup-system:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
