@@ -27,10 +27,10 @@ ENV_PREFIX = "SEQSERVE_"
 # that exports them can still start the server.
 FOREIGN_ENV = frozenset({"SEQSERVE_CONFIG", "SEQSERVE_TARGET"})
 LOG_FORMATS = ("json", "text")
-# The session store of `seqserve serve` unless one is set: durable, embedded, relative to the working directory.
-SERVE_SESSION_STORE = "sqlite:state/sessions.db"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+# The session store of `seqserve serve` unless one is set: durable, embedded, relative to the working directory.
+SERVE_SESSION_STORE = "sqlite:state/sessions.db"
 
 
 class ConfigError(ValueError):
