@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
-APT_PACKAGES := trans-de-en fortunes fortunes-min prometheus docker-compose
+APT_PACKAGES := trans-de-en fortunes fortunes-min prometheus docker-compose redis-server nginx
 
 .PHONY: setup setup-system serve test lint proto
 
@@ -27,7 +27,8 @@ $(VENV)/protobuf7/.installed: pyproject.toml $(VENV)/.installed
 
 setup: $(VENV)/.installed $(VENV)/protobuf7/.installed
 
-# Debian packages for the corpora and the Prometheus scrape test (root, or sudo, needed once).
+# Debian packages for the corpora, the Prometheus scrape test, and the real redis-server and nginx the
+# session tests start (root, or sudo, needed once).
 setup-system:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \

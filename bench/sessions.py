@@ -9,6 +9,9 @@
   127.0.0.1, port 0; adds the RPC's own cost).
 
     python bench/sessions.py [--repeats 50] [--feed-tokens 100] [--sessions 2000] [--threads 1] [--json FILE]
+
+With `--stores memory,sqlite,redis`, instead: the session stores side by side under a session mix of
+`--mix-sessions` concurrent sessions over gRPC (bench/session_stores.py).
 """
 
 from __future__ import annotations
@@ -210,10 +213,31 @@ def main(argv=None) -> int:
     parser.add_argument("--concurrent", type=int, default=64, help="sessions feeding at once")
     parser.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (0: its default)")
     parser.add_argument("--json", default="", help="also write the figures to this JSON file")
+    parser.add_argument("--stores", default="", help="compare these session stores (memory,sqlite,redis) instead")
+    parser.add_argument("--mix-sessions", type=int, default=32, help="--stores: concurrent sessions")
+    parser.add_argument("--mix-rounds", type=int, default=5, help="--stores: feed + generate rounds per session")
+    parser.add_argument("--mix-repeats", type=int, default=3, help="--stores: mixes per store, taking turns")
     args = parser.parse_args(argv)
 
     spec = models.BENCH_LMS[args.model]
     bundle = models.build_lm_bundle(Path(args.cache).expanduser(), spec)
+    if args.stores:
+        from bench import session_stores
+
+        stores = tuple(s.strip() for s in args.stores.split(",") if s.strip())
+        unknown = set(stores) - set(session_stores.STORES)
+        if unknown:
+            parser.error(f"--stores: unknown {', '.join(sorted(unknown))}; known: {', '.join(session_stores.STORES)}")
+        results = session_stores.compare(bundle.repository, bundle.name, models.lm_words(spec), stores=stores,
+                                         sessions=args.mix_sessions, rounds=args.mix_rounds, threads=args.threads,
+                                         repeats=args.mix_repeats)
+        print(f"{bundle.name}: {spec.cell.upper()} E={spec.embedding_size} H={spec.hidden_size} "
+              f"{spec.num_layers} layers V={spec.vocab_size}; {args.mix_sessions} sessions x {args.mix_rounds} rounds "
+              f"(feed 10 words, generate 20 tokens); {platform.processor() or platform.machine()}\n")
+        print(session_stores.report(results, args.mix_sessions))
+        if args.json:
+            Path(args.json).write_text(json.dumps({"model": bundle.name, "args": vars(args), **results}, indent=2))
+        return 0
     rng = random.Random(0)
     text = " ".join(rng.choice(models.lm_words(spec)) for _ in range(args.feed_tokens))
     results = asyncio.run(in_process(bundle.repository, bundle.name, text, args))

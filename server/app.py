@@ -43,11 +43,16 @@ from server.errors import Unavailable
 from server.metrics import Metrics
 from server.registry import ModelRegistry
 from server.sessions import SessionLimits, SessionManager
+from server.sessions.store import StoreUnavailable, open_store
 
 logger = logging.getLogger("server.app")
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class StartupError(RuntimeError):
+    """The server cannot start as configured (the message names the setting)."""
 
 
 class DrainGate:
@@ -117,8 +122,16 @@ class App:
         if self.registry is None:
             self.registry = _make_registry(config, self.metrics)
         await self.registry.start()
-        self.sessions = SessionManager(self.registry, _session_limits(config), metrics=self.metrics)
-        await self.sessions.start()
+        limits = _session_limits(config)
+        self.sessions = SessionManager(
+            self.registry, limits, metrics=self.metrics,
+            store=open_store(config.session_store, tombstones=limits.tombstones),
+            signing_key=config.session_signing_key.encode() or None)
+        try:
+            await self.sessions.start()  # opens the store: an unreachable Redis or unwritable file fails here
+        except StoreUnavailable as error:
+            await self.registry.stop(0)
+            raise StartupError(str(error)) from None
 
         server = grpc.aio.server(
             interceptors=[StatusInterceptor(observe=self._observe_call, gate=self.gate, auth=tokens)],

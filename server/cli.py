@@ -31,6 +31,9 @@ def serve_parser() -> argparse.ArgumentParser:
                         help=f"/metrics port, 0 = a free one, -1 = off (default: {defaults.metrics_port})")
     parser.add_argument("--config", help="TOML file of settings (default: $SEQSERVE_CONFIG)")
     parser.add_argument("--providers", help="ONNX Runtime execution providers, comma-separated, preferred first")
+    parser.add_argument("--session-store",
+                        help="where sessions live: memory, sqlite:PATH or redis://HOST:PORT[/DB] "
+                             "(default: sqlite:state/sessions.db)")
     parser.add_argument("--log-format", choices=("json", "text"), help="log line format (default: json)")
     parser.add_argument("--print-config", action="store_true", help="print the effective settings as TOML and exit")
     return parser
@@ -40,7 +43,8 @@ def serve_main(argv: list[str]) -> int:
     args = serve_parser().parse_args(argv)
     try:
         config = load_config(args.config, repository=args.repository, host=args.host, port=args.port,
-                             metrics_port=args.metrics_port, providers=args.providers, log_format=args.log_format)
+                             metrics_port=args.metrics_port, providers=args.providers, log_format=args.log_format,
+                             session_store=args.session_store)
     except ConfigError as error:
         print(f"seqserve serve: {error}", file=sys.stderr)
         return EXIT_CONFIG

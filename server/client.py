@@ -3,6 +3,7 @@
     seqserve client [--target HOST:PORT] models [--model NAME [--version N]] [--json]
     seqserve client translate [--model NAME] [--stream] [decoding options] TEXT...
     seqserve client generate [--model NAME] [decoding options] TEXT...
+    seqserve client session create|feed|generate|fork|get|close|export|import ...
 
 `--model` may be left out when the server has exactly one model of the kind the command needs.
 `generate` writes text to stdout as it arrives. With `--json` every answer is one JSON object per line.
@@ -16,6 +17,7 @@ import argparse
 import json
 import os
 import sys
+import uuid
 
 import grpc
 from google.protobuf import json_format
@@ -26,6 +28,15 @@ from seqserve.v1 import service_pb2_grpc as pb_grpc
 from seqserve.v1.manifest_pb2 import ModelKind
 
 DEFAULT_TARGET = "127.0.0.1:50051"
+SESSION_ID_METADATA = "x-session-id"  # sent with every call on a session, for a balancer to hash on
+# A call on a session refused with UNAVAILABLE (a draining replica, a balancer between replicas) is sent
+# again: behind nginx it reaches the next replica once the draining one has closed. Feed and generate
+# carry a request_id, so a retried one is applied once.
+RETRY_UNAVAILABLE = json.dumps({"methodConfig": [{
+    "name": [{"service": "seqserve.v1.Seqserve", "method": method} for method in (
+        "Feed", "GenerateInSession", "ForkSession", "GetSession", "CloseSession", "ExportSession")],
+    "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.25s", "maxBackoff": "1s", "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"]}}]})
 EXIT_FAILED_CALL = 1
 EXIT_USAGE = 2
 _SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "seed")
@@ -97,7 +108,14 @@ def _add_session_parser(commands, common: argparse.ArgumentParser) -> None:
     for name, help_ in (("fork", "copy the session into a new one; prints the new id"),
                         ("get", "describe the session"), ("close", "close the session")):
         actions.add_parser(name, parents=[common], help=help_)
-    for action in (feed, generate, *(actions.choices[n] for n in ("fork", "get", "close"))):
+    export = actions.add_parser("export", parents=[common],
+                                help="write the session as bytes another server can import")
+    export.add_argument("--output", "-o", default="-", help="file to write (default: stdout)")
+    import_ = actions.add_parser("import", parents=[common],
+                                 help="open a session from exported bytes; prints the new id")
+    import_.add_argument("--ttl", type=int, default=0, help="idle seconds before expiry (0 = the exported TTL)")
+    import_.add_argument("input", metavar="FILE", help="exported bytes ('-' = stdin)")
+    for action in (feed, generate, export, *(actions.choices[n] for n in ("fork", "get", "close"))):
         action.add_argument("session_id", metavar="SESSION_ID")
     feed.add_argument("text", nargs="+", metavar="TEXT")
 
@@ -174,8 +192,9 @@ class Client:
 
     def __init__(self, target: str, timeout: float | None = None, token: str | None = None,
                  request_id: str | None = None, credentials: grpc.ChannelCredentials | None = None):
-        self.channel = (grpc.secure_channel(target, credentials) if credentials is not None
-                        else grpc.insecure_channel(target))
+        options = [("grpc.enable_retries", 1), ("grpc.service_config", RETRY_UNAVAILABLE)]
+        self.channel = (grpc.secure_channel(target, credentials, options=options) if credentials is not None
+                        else grpc.insecure_channel(target, options=options))
         self.stub = pb_grpc.SeqserveStub(self.channel)
         self.timeout = timeout
         self.metadata = []
@@ -184,7 +203,11 @@ class Client:
         self.request_id = request_id or ""
 
     def call(self, method: str, request):
-        return getattr(self.stub, method)(request, timeout=self.timeout, metadata=self.metadata)
+        metadata = self.metadata
+        session_id = getattr(request, "session_id", "")
+        if session_id:  # a balancer in front of replicas routes a session's calls by it (deploy/nginx)
+            metadata = [*metadata, (SESSION_ID_METADATA, session_id)]
+        return getattr(self.stub, method)(request, timeout=self.timeout, metadata=metadata)
 
     def resolve_model(self, name: str | None, kind: int) -> str:
         """The model to use: `name`, or the only model of `kind` on the server."""
@@ -304,13 +327,33 @@ def run_session(client: Client, args, as_json: bool) -> None:
         text = " ".join(args.text)
         _check_utf8("text", text)
         answer = client.call("Feed", pb.FeedRequest(session_id=args.session_id, text=text,
-                                                    return_log_probs=args.log_probs))
+                                                    return_log_probs=args.log_probs,
+                                                    request_id=client.request_id or uuid.uuid4().hex))
     elif action == "generate":
         request = pb.GenerateInSessionRequest(session_id=args.session_id, options=decoding_options(args),
                                               leave_session_unchanged=args.leave_unchanged,
-                                              request_id=client.request_id)
+                                              request_id=client.request_id or uuid.uuid4().hex)
         _stream(client.call("GenerateInSession", request), as_json)
         return
+    elif action == "export":
+        answer = client.call("ExportSession", pb.ExportSessionRequest(session_id=args.session_id))
+        if args.output == "-":
+            sys.stdout.buffer.write(answer.data)
+            sys.stdout.flush()
+        else:
+            with open(args.output, "wb") as handle:
+                handle.write(answer.data)
+        return
+    elif action == "import":
+        try:
+            if args.input == "-":
+                data = sys.stdin.buffer.read()
+            else:
+                with open(args.input, "rb") as handle:
+                    data = handle.read()
+        except OSError as error:
+            raise ClientError("INVALID_ARGUMENT", f"cannot read {args.input}: {error}") from None
+        answer = client.call("ImportSession", pb.ImportSessionRequest(data=data, ttl_seconds=args.ttl))
     else:
         method, message = {"fork": ("ForkSession", pb.ForkSessionRequest),
                            "get": ("GetSession", pb.GetSessionRequest),
@@ -318,7 +361,7 @@ def run_session(client: Client, args, as_json: bool) -> None:
         answer = client.call(method, message(session_id=args.session_id))
     if as_json:
         _print_json(answer)
-    elif action in ("create", "fork"):
+    elif action in ("create", "fork", "import"):
         print(answer.session_id)
     elif action == "feed" and args.log_probs:
         for item in answer.token_log_probs:

@@ -29,6 +29,8 @@ FOREIGN_ENV = frozenset({"SEQSERVE_CONFIG", "SEQSERVE_TARGET"})
 LOG_FORMATS = ("json", "text")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+# The session store of `seqserve serve` unless one is set: durable, embedded, relative to the working directory.
+SERVE_SESSION_STORE = "sqlite:state/sessions.db"
 
 
 class ConfigError(ValueError):
@@ -64,6 +66,10 @@ class ServerConfig:
     max_sessions: int = 10_000  # open sessions; at the limit, the least recently used idle one is evicted
     session_ttl_seconds: int = 600  # idle time after which a session expires, when CreateSession asks for none
     max_session_ttl_seconds: int = 86_400  # the longest idle TTL CreateSession / ForkSession may ask for
+    # where sessions live: memory | sqlite:PATH | redis://HOST:PORT[/DB]. `seqserve serve` (load_config)
+    # defaults to SERVE_SESSION_STORE; a ServerConfig built in code (embedding, tests) keeps them in memory
+    session_store: str = "memory"
+    session_signing_key: str = field(default="", repr=False)  # when set, exported sessions carry an HMAC of it
     # --- gRPC transport
     max_receive_message_bytes: int = 4 * 1024 * 1024  # larger requests get RESOURCE_EXHAUSTED
     auth_token: str = field(default="", repr=False)  # when set, Seqserve RPCs need "authorization: Bearer <it>"
@@ -117,6 +123,10 @@ class ServerConfig:
                self.tls_client_ca_file, "unset unless tls_cert_file and tls_key_file are set (mutual TLS is TLS)")
         _check(not self.metrics_tls or bool(self.tls_cert_file), "metrics_tls", self.metrics_tls,
                "false unless tls_cert_file and tls_key_file are set")
+        _check(self.session_store == "memory" or (self.session_store.startswith("sqlite:")
+                                                   and len(self.session_store) > len("sqlite:"))
+               or self.session_store.startswith(("redis://", "rediss://", "unix://")), "session_store",
+               self.session_store, "memory, sqlite:PATH or redis://HOST:PORT[/DB]")
         _check(self.poll_interval_seconds >= 0, "poll_interval_seconds", self.poll_interval_seconds,
                ">= 0 (0 = never)")
         _check(self.drain_grace_seconds >= 0, "drain_grace_seconds", self.drain_grace_seconds, ">= 0")
@@ -141,7 +151,7 @@ class ServerConfig:
         lines = []
         for spec in fields(self):
             value = getattr(self, spec.name)
-            if spec.name == "auth_token" and value and redact:
+            if spec.name in ("auth_token", "session_signing_key") and value and redact:
                 value = "<redacted>"
             lines.append(f"{spec.name} = {_toml_value(value)}\n")
         return "".join(lines)
@@ -157,7 +167,7 @@ def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, st
     """Defaults, then the TOML file at `path` (or `$SEQSERVE_CONFIG`), then `SEQSERVE_*` variables, then
     `overrides` (flags; None means "not given")."""
     env = os.environ if env is None else env
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = {"session_store": SERVE_SESSION_STORE}
     path = path or env.get(ENV_PREFIX + "CONFIG") or None
     if path is not None:
         values.update(_coerce_all(_read_toml(Path(path)), f"config file {path}"))
@@ -252,4 +262,4 @@ def _toml_value(value: Any) -> str:
 
 _DEFAULTS = ServerConfig()  # after the helpers it validates with
 
-__all__ = ["ConfigError", "ServerConfig", "load_config"]
+__all__ = ["SERVE_SESSION_STORE", "ConfigError", "ServerConfig", "load_config"]

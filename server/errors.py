@@ -90,3 +90,9 @@ class Unauthenticated(SeqserveError):
     """Missing or wrong credentials (when auth is on)."""
 
     code = "UNAUTHENTICATED"
+
+
+class Aborted(SeqserveError):
+    """An operation lost a race with another replica on the same session and was not applied; retry it."""
+
+    code = "ABORTED"

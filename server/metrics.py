@@ -23,6 +23,7 @@ QUEUE_WAIT_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+STORE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
 class Metrics:
@@ -82,12 +83,19 @@ class Metrics:
                                               registry=r)
         self.session_state_bytes = Gauge(name("session_state_bytes"), "Bytes of parked session state.",
                                          ["model"], registry=r)
+        self.session_store_seconds = Histogram(
+            name("session_store_seconds"), "Time of one session store call (a write includes its commit).",
+            ["op"], buckets=STORE_BUCKETS, registry=r)
+        self.session_store_errors_total = Counter(
+            name("session_store_errors_total"), "Session store calls that failed (unreachable, unwritable), by op.",
+            ["op"], registry=r)
 
     def for_model(self, model: str) -> ModelMetrics:
         return ModelMetrics(self, model)
 
 
 SESSION_EVICTION_REASONS = ("expired", "evicted", "model_removed")
+
 
 
 class ModelMetrics:

@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 
 import pytest
+from live_services import RedisServer
 
 CELLS = ("lstm", "gru", "rnn")
 KINDS = ("lm", "seq2seq")
@@ -102,3 +103,11 @@ def one_torch_thread():
     """Use with `pytestmark = pytest.mark.usefixtures("one_torch_thread")` in modules of tiny models."""
     with torch_threads(1):
         yield
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """One redis-server for the test session; tests that need a clean one call `.flush()`."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()

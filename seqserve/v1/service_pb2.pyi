@@ -286,14 +286,16 @@ class Session(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., tokens_consumed: _Optional[int] = ..., created_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., last_used_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., age_seconds: _Optional[float] = ..., idle_seconds: _Optional[float] = ..., ttl_seconds: _Optional[int] = ..., state_bytes: _Optional[int] = ..., generating: bool = ...) -> None: ...
 
 class FeedRequest(_message.Message):
-    __slots__ = ("session_id", "text", "return_log_probs")
+    __slots__ = ("session_id", "text", "return_log_probs", "request_id")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     RETURN_LOG_PROBS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     text: str
     return_log_probs: bool
-    def __init__(self, session_id: _Optional[str] = ..., text: _Optional[str] = ..., return_log_probs: bool = ...) -> None: ...
+    request_id: str
+    def __init__(self, session_id: _Optional[str] = ..., text: _Optional[str] = ..., return_log_probs: bool = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class FeedResponse(_message.Message):
     __slots__ = ("tokens_fed", "tokens_consumed", "token_log_probs")
@@ -342,6 +344,28 @@ class CloseSessionResponse(_message.Message):
     SESSION_FIELD_NUMBER: _ClassVar[int]
     session: Session
     def __init__(self, session: _Optional[_Union[Session, _Mapping]] = ...) -> None: ...
+
+class ExportSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class ExportSessionResponse(_message.Message):
+    __slots__ = ("data", "session")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    session: Session
+    def __init__(self, data: _Optional[bytes] = ..., session: _Optional[_Union[Session, _Mapping]] = ...) -> None: ...
+
+class ImportSessionRequest(_message.Message):
+    __slots__ = ("data", "ttl_seconds")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    ttl_seconds: int
+    def __init__(self, data: _Optional[bytes] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
 
 class ConverseRequest(_message.Message):
     __slots__ = ("request_tag", "create_session", "feed", "generate", "fork", "get", "close")

@@ -80,6 +80,16 @@ class SeqserveStub(object):
                 request_serializer=seqserve_dot_v1_dot_service__pb2.CloseSessionRequest.SerializeToString,
                 response_deserializer=seqserve_dot_v1_dot_service__pb2.CloseSessionResponse.FromString,
                 _registered_method=True)
+        self.ExportSession = channel.unary_unary(
+                '/seqserve.v1.Seqserve/ExportSession',
+                request_serializer=seqserve_dot_v1_dot_service__pb2.ExportSessionRequest.SerializeToString,
+                response_deserializer=seqserve_dot_v1_dot_service__pb2.ExportSessionResponse.FromString,
+                _registered_method=True)
+        self.ImportSession = channel.unary_unary(
+                '/seqserve.v1.Seqserve/ImportSession',
+                request_serializer=seqserve_dot_v1_dot_service__pb2.ImportSessionRequest.SerializeToString,
+                response_deserializer=seqserve_dot_v1_dot_service__pb2.Session.FromString,
+                _registered_method=True)
         self.Converse = channel.stream_stream(
                 '/seqserve.v1.Seqserve/Converse',
                 request_serializer=seqserve_dot_v1_dot_service__pb2.ConverseRequest.SerializeToString,
@@ -177,6 +187,24 @@ class SeqserveServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportSession(self, request, context):
+        """ExportSession returns a session as bytes that ImportSession on this or another server turns back
+        into a session (state, history, model, version, bundle checksum; HMAC-signed when the server has a
+        session_signing_key). The session itself stays open. Unary.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportSession(self, request, context):
+        """ImportSession opens a new session (a new id) from ExportSession's bytes. Tampered bytes are
+        INVALID_ARGUMENT; bytes of a model version this server does not serve, of another bundle, or of
+        another state shape are refused naming what differs. Unary.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Converse(self, request_iterator, context):
         """Converse carries session operations for one or many sessions over one connection. Bidirectional
         streaming: each request is answered by one response (several for a generation, the last with
@@ -251,6 +279,16 @@ def add_SeqserveServicer_to_server(servicer, server):
                     servicer.CloseSession,
                     request_deserializer=seqserve_dot_v1_dot_service__pb2.CloseSessionRequest.FromString,
                     response_serializer=seqserve_dot_v1_dot_service__pb2.CloseSessionResponse.SerializeToString,
+            ),
+            'ExportSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportSession,
+                    request_deserializer=seqserve_dot_v1_dot_service__pb2.ExportSessionRequest.FromString,
+                    response_serializer=seqserve_dot_v1_dot_service__pb2.ExportSessionResponse.SerializeToString,
+            ),
+            'ImportSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportSession,
+                    request_deserializer=seqserve_dot_v1_dot_service__pb2.ImportSessionRequest.FromString,
+                    response_serializer=seqserve_dot_v1_dot_service__pb2.Session.SerializeToString,
             ),
             'Converse': grpc.stream_stream_rpc_method_handler(
                     servicer.Converse,
@@ -512,6 +550,60 @@ class Seqserve(object):
             '/seqserve.v1.Seqserve/CloseSession',
             seqserve_dot_v1_dot_service__pb2.CloseSessionRequest.SerializeToString,
             seqserve_dot_v1_dot_service__pb2.CloseSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/seqserve.v1.Seqserve/ExportSession',
+            seqserve_dot_v1_dot_service__pb2.ExportSessionRequest.SerializeToString,
+            seqserve_dot_v1_dot_service__pb2.ExportSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/seqserve.v1.Seqserve/ImportSession',
+            seqserve_dot_v1_dot_service__pb2.ImportSessionRequest.SerializeToString,
+            seqserve_dot_v1_dot_service__pb2.Session.FromString,
             options,
             channel_credentials,
             insecure,

@@ -161,7 +161,8 @@ class SeqserveServicer(pb_grpc.SeqserveServicer):
         return convert.session_to_pb(await self._sessions.create(name, version, request.prefix, request.ttl_seconds))
 
     async def Feed(self, request: pb.FeedRequest, context) -> pb.FeedResponse:
-        result = await self._sessions.feed(request.session_id, request.text, request.return_log_probs)
+        result = await self._sessions.feed(request.session_id, request.text, request.return_log_probs,
+                                           request_id=request.request_id)
         return convert.feed_response_to_pb(result)
 
     async def GenerateInSession(self, request: pb.GenerateInSessionRequest, context
@@ -178,6 +179,16 @@ class SeqserveServicer(pb_grpc.SeqserveServicer):
 
     async def CloseSession(self, request: pb.CloseSessionRequest, context) -> pb.CloseSessionResponse:
         return pb.CloseSessionResponse(session=convert.session_to_pb(await self._sessions.close(request.session_id)))
+
+    async def ExportSession(self, request: pb.ExportSessionRequest, context) -> pb.ExportSessionResponse:
+        data = await self._sessions.export(request.session_id)
+        info = await self._sessions.get(request.session_id)
+        return pb.ExportSessionResponse(data=data, session=convert.session_to_pb(info))
+
+    async def ImportSession(self, request: pb.ImportSessionRequest, context) -> pb.Session:
+        if not request.data:
+            raise InvalidArgument(field="data", value=b"", allowed="the bytes of an ExportSession answer")
+        return convert.session_to_pb(await self._sessions.import_(request.data, request.ttl_seconds))
 
     async def Converse(self, request_iterator, context) -> AsyncIterator[pb.ConverseResponse]:
         stream_id = request_id_var.get()
@@ -210,9 +221,11 @@ class SeqserveServicer(pb_grpc.SeqserveServicer):
                                    ) -> AsyncIterator[pb.GenerateResponse]:
         arrived = time.perf_counter()
         params = convert.params_from_pb(request.options, self._limits, single_result=True)
+        await self._sessions.ensure(request.session_id)  # no wait for a session this process knows
         generation = self._sessions.generate(request.session_id, params,
                                              leave_unchanged=request.leave_session_unchanged,
-                                             request_id=request.request_id or request_id)
+                                             request_id=request.request_id or request_id,
+                                             retry_id=request.request_id)
         try:
             model = ServedModel(await generation.ready(), self._limits)
             async for item in self._chunks(generation, model, _TokenLog(), arrived, pb.GenerateResponse,

@@ -1,16 +1,17 @@
 """Stateful sessions: recurrent state parked between calls, fed and continued as rows of the engine's batch.
 
-record.py (what a session is, and its bytes) -> store.py (where records live) -> ordering.py (one
-session's operations in order) -> generation.py (a generation that parks its tokens) -> manager.py
-(create, feed, generate, fork, get, close; TTL, LRU eviction, metrics).
+record.py (what a session is, and its bytes) -> store.py (where records live: memory, sqlite_store.py,
+redis_store.py; compare-and-set on a revision) -> ordering.py (one session's operations in order) ->
+generation.py (a generation that parks its tokens) -> transfer.py (export / import bytes) -> manager.py
+(create, feed, generate, fork, get, close, export, import; TTL, LRU eviction, restart, replicas, metrics).
 """
 
 from server.sessions.generation import SessionGeneration
 from server.sessions.manager import FeedResult, SessionInfo, SessionLimits, SessionManager
 from server.sessions.record import SessionFormatError, SessionRecord
-from server.sessions.store import InMemorySessionStore, SessionStore
+from server.sessions.store import InMemorySessionStore, SessionStore, StoreConflict, StoreUnavailable, open_store
 
 __all__ = [
     "FeedResult", "InMemorySessionStore", "SessionFormatError", "SessionGeneration", "SessionInfo", "SessionLimits",
-    "SessionManager", "SessionRecord", "SessionStore",
+    "SessionManager", "SessionRecord", "SessionStore", "StoreConflict", "StoreUnavailable", "open_store",
 ]

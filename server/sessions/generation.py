@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from server.decoding import DecodingParams
+from server.decoding import DecodingParams, FinishReason
+from server.decoding.hypothesis import Hypothesis
 from server.engine import FinishEvent, GenerationRequest, ModelEngine, RequestStream, TokenEvent
 from server.engine.requests import Mailbox
 from server.sessions.ordering import Turn
@@ -29,10 +30,11 @@ class SessionGeneration:
     """
 
     def __init__(self, manager: SessionManager, session_id: str, turn: Turn, params: DecodingParams,
-                 leave_unchanged: bool, request_id: str):
+                 leave_unchanged: bool, request_id: str, retry_id: str = ""):
         loop = asyncio.get_running_loop()
         self.session_id = session_id
         self.request_id = request_id
+        self.retry_id = retry_id  # a client's id: a generation the session already applied is replayed
         self.tokens_consumed: int | None = None
         # Events, then possibly the error that stopped the work; `_closed` once the work put its last.
         self._mailbox = Mailbox(f"generation {request_id}", self.cancel)
@@ -115,6 +117,13 @@ class SessionGeneration:
                 record = await manager.record_of(self.session_id)
                 if self._cancelled:
                     return
+                applied = None if leave_unchanged else record.applied_result(self.retry_id)
+                if applied is not None:
+                    engine, _ = await manager.on_engine(record, lambda engine: None)
+                    self._ready.set_result(engine)
+                    self._replay(applied)
+                    await self._taken
+                    return
 
                 def submit(engine: ModelEngine) -> RequestStream:
                     return engine.submit(GenerationRequest(
@@ -131,7 +140,7 @@ class SessionGeneration:
                         if isinstance(event, FinishEvent):
                             self.tokens_consumed = record.tokens_consumed
                             if not leave_unchanged:
-                                self.tokens_consumed = await manager.park(record, engine, event)
+                                self.tokens_consumed = await manager.park(record, engine, event, self.retry_id)
                             self._mailbox.put(event)
                             await self._taken
                         else:
@@ -146,6 +155,16 @@ class SessionGeneration:
                 self._ready.cancel()
             self._closed = True
             self._mailbox.wake()
+
+    def _replay(self, applied: dict) -> None:
+        """The events of a generation this session already applied (a client's retry): its tokens in one
+        event (without per-token log-probs), then its finish."""
+        ids, reason = list(applied["token_ids"]), FinishReason(applied["reason"])
+        if ids:
+            self._mailbox.put(TokenEvent(ids, None, None, applied["text"]))
+        self.tokens_consumed = applied["tokens_consumed"]
+        hypothesis = Hypothesis(ids, applied["log_prob"], applied["log_prob"], reason)
+        self._mailbox.put(FinishEvent(reason, [hypothesis], applied["text"], ids, None, 0))
 
     def _fail(self, error: BaseException) -> None:
         if not self._ready.done():

@@ -10,11 +10,17 @@ saying why (closed, expired, evicted, model removed) while it is among the last 
 
 A session stays on the model version it started on: its engine is looked up by (name, version) at
 every operation, so after a hot swap the registry serves its version on demand.
+
+The store (`store.py`) is the truth: an operation is acknowledged only after the store committed what it
+changed, every write is a compare-and-set on the record's revision (an operation that lost a race with
+another replica is run again on the new revision, or answered ABORTED), a restarted server adopts every
+session its store holds, and with a shared store (Redis) a session unknown here is looked up there.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import heapq
 import logging
 import secrets
@@ -26,12 +32,13 @@ from typing import TypeVar
 
 from server.decoding import DecodingParams, FinishReason
 from server.engine import FinishEvent, ModelEngine
-from server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from server.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from server.metrics import Metrics
 from server.sessions.generation import SessionGeneration
 from server.sessions.ordering import SessionLine
 from server.sessions.record import SessionRecord, State
-from server.sessions.store import InMemorySessionStore, SessionStore
+from server.sessions.store import InMemorySessionStore, MeasuredStore, SessionStore, StoreConflict, StoredSession
+from server.sessions.transfer import bundle_checksum, pack, unpack
 from server.text_input import encode_text
 
 logger = logging.getLogger(__name__)
@@ -51,6 +58,7 @@ class SessionLimits:
     history_tokens: int = 1024  # the end of a session's text that penalties and detokenisation look back on
     tombstones: int = 10_000  # ended ids remembered, to say why they are gone
     sweep_seconds: float = 1.0  # how often expired sessions are looked for (they also expire when touched)
+    applied_ids: int = 32  # request_ids a session remembers (with their answers), so a retry is applied once
 
     def __post_init__(self):
         for name in ("max_sessions", "default_ttl_seconds", "max_ttl_seconds", "max_input_tokens", "history_tokens",
@@ -94,7 +102,7 @@ class _Live:
 
     __slots__ = ("model", "version", "ttl_seconds", "created_at", "last_used_at", "state_bytes", "line")
 
-    def __init__(self, record: SessionRecord):
+    def __init__(self, record: SessionRecord | StoredSession):
         self.model, self.version, self.ttl_seconds = record.model, record.version, record.ttl_seconds
         self.created_at, self.last_used_at = record.created_at, record.last_used_at
         self.state_bytes = record.state_bytes
@@ -105,20 +113,37 @@ class _Live:
         return self.last_used_at + self.ttl_seconds
 
 
+class _Adoption:
+    """A shared store's session being looked up for this process, and the operations waiting for it."""
+
+    __slots__ = ("done", "last_waiter")
+
+    def __init__(self, done: asyncio.Future):
+        self.done = done
+        self.last_waiter: asyncio.Future | None = None
+
+
 class SessionManager:
     """Sessions of every model of `registry` (anything with `await get(name, version) -> ModelEngine`)."""
 
     def __init__(self, registry, limits: SessionLimits | None = None, *, store: SessionStore | None = None,
-                 metrics: Metrics | None = None, clock: Callable[[], float] = time.time):
+                 metrics: Metrics | None = None, clock: Callable[[], float] = time.time,
+                 signing_key: bytes | None = None):
         self.registry = registry
         self.limits = limits if limits is not None else SessionLimits()
-        self.store = store if store is not None else InMemorySessionStore()
         self.metrics = metrics if metrics is not None else Metrics()
+        store = store if store is not None else InMemorySessionStore(tombstones=self.limits.tombstones)
+        self.store = store if isinstance(store, MeasuredStore) else MeasuredStore(store, self.metrics)
+        self.shared = self.store.shared  # other replicas change sessions too: the store decides expiry and the cap
+        self.signing_key = signing_key
+        self.conflict_retries = 3  # an operation that loses a race with another replica runs again this often
         self.clock = clock
+        self._adopting: dict[str, _Adoption] = {}
         self._live: OrderedDict[str, _Live] = OrderedDict()  # least recently used first
         self._expiry: list[tuple[float, str]] = []  # heap of (expires_at, id), at least one entry per session
         self._ended: OrderedDict[str, str] = OrderedDict()  # id -> why it is gone (bounded)
         self._tasks: set[asyncio.Task] = set()
+        self._deletes: set[asyncio.Future] = set()  # store deletes of sessions ended from synchronous code
         self._sweeper: asyncio.Task | None = None
 
     def __len__(self) -> int:
@@ -127,7 +152,20 @@ class SessionManager:
     # --- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Expire idle sessions in the background (without it they expire when next touched)."""
+        """Open the store, adopt the sessions it holds (a restart; for a shared store, sessions are adopted
+        when first used), and expire idle sessions in the background (they also expire when touched)."""
+        await self.store.open()
+        if not self.shared:
+            now = self.clock()
+            for stored in await self.store.sessions():
+                if stored.session_id in self._live:
+                    continue
+                if stored.expires_at <= now:  # its idle time ran out while the server was down
+                    await self.store.delete(stored.session_id, _why(EXPIRED, stored, self.limits))
+                    self._ended[stored.session_id] = _why(EXPIRED, stored, self.limits)
+                    self.metrics.sessions_evicted_total.labels(model=stored.model, reason=EXPIRED).inc()
+                    continue
+                self._index(stored)
         if self._sweeper is None:
             self._sweeper = asyncio.create_task(self._sweep_forever(), name="session sweeper")
 
@@ -138,6 +176,43 @@ class SessionManager:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._deletes, return_exceptions=True)  # ends are kept, also on the way out
+        await self.store.close()
+
+    async def ensure(self, session_id: str) -> None:
+        """Make a session this process has not seen (a shared store's, another replica's) known here; raise
+        NOT_FOUND saying why if the store has no such session. Returns at once (no await) for a known one.
+
+        Callers join the session's line right after this returns, without awaiting in between: the
+        operations that waited for one adoption return in their order of arrival (each after the one before
+        it), and so join the line in that order, also before an operation that arrives meanwhile.
+        """
+        adoption = self._adopting.get(session_id)
+        if adoption is None:
+            if session_id in self._live:
+                return
+            adoption = self._adopting[session_id] = _Adoption(asyncio.ensure_future(self._adopt(session_id)))
+        previous, mine = adoption.last_waiter, asyncio.get_running_loop().create_future()
+        adoption.last_waiter = mine
+        try:
+            await asyncio.shield(adoption.done)
+            if previous is not None and not previous.done():
+                await asyncio.shield(previous)
+        finally:
+            mine.set_result(None)  # the next waiter runs after this one has joined (it resumes via the loop)
+            if adoption.last_waiter is mine and self._adopting.get(session_id) is adoption:
+                del self._adopting[session_id]
+
+    async def _adopt(self, session_id: str) -> None:
+        if not session_id or session_id in self._ended:
+            return  # _lookup says why
+        record = await self.store.get(session_id)
+        if record is not None and session_id not in self._live:
+            self._index(StoredSession.of(record))
+        elif record is None:
+            why = await self.store.ended(session_id)
+            if why is not None:
+                self._ended[session_id] = why
 
     # --- operations -----------------------------------------------------------------------------
 
@@ -157,82 +232,168 @@ class SessionManager:
         engine, (state, history) = await self._retrying(lambda: self.registry.get(model, version), start)
         now = self.clock()
         record = SessionRecord(secrets.token_hex(16), engine.name, engine.version, state,
-                               history[-self.limits.history_tokens:], len(history) - 1, ttl, now, now)
+                               history[-self.limits.history_tokens:], len(history) - 1, ttl, now, now,
+                               checksum=bundle_checksum(engine.bundle))
         await self._admit(record)
         return self._info(record, self._live[record.session_id])
 
-    async def feed(self, session_id: str, text: str, want_log_probs: bool = False) -> FeedResult:
+    async def feed(self, session_id: str, text: str, want_log_probs: bool = False, request_id: str = ""
+                   ) -> FeedResult:
+        """Append `text`. A `request_id` the session already applied returns that feed's result again
+        instead of feeding twice (a client's retry)."""
+        await self.ensure(session_id)
         async with self._join(session_id):
-            record = await self.record_of(session_id)
+            for attempt in range(self.conflict_retries + 1):
+                # First from this process's copy (a shared store's may be stale: the write's compare-and-set
+                # says so, and the feed runs again on a fresh read); never stale twice.
+                record = await self.record_of(session_id, cached=attempt == 0)
+                applied = record.applied_result(request_id)
+                if applied is not None:
+                    return FeedResult(**applied)
 
-            async def advance(engine: ModelEngine):
-                tokens = await self._encode(engine, text, "text")
-                if not tokens:
-                    return tokens, record.state, []
-                state, scores = await _feed_all(engine, record.state, [record.last_token_id, *tokens[:-1]],
-                                                tokens[-1], want_log_probs)
-                return tokens, state, scores
+                async def advance(engine: ModelEngine, record=record):
+                    tokens = await self._encode(engine, text, "text")
+                    if not tokens:
+                        return tokens, record.state, []
+                    state, scores = await _feed_all(engine, record.state, [record.last_token_id, *tokens[:-1]],
+                                                    tokens[-1], want_log_probs)
+                    return tokens, state, scores
 
-            engine, (tokens, state, scores) = await self.on_engine(record, advance)
-            if tokens:
-                record = record.advanced(state, tokens, self.clock(), self.limits.history_tokens)
-                await self._save(record)
-            vocab = engine.bundle.tokenizer("text")
-            return FeedResult(len(tokens), record.tokens_consumed, list(tokens),
-                              [vocab.id_to_token(t) or "" for t in tokens] if want_log_probs else [],
-                              [float(p) for p in scores] if want_log_probs else None)
+                engine, (tokens, state, scores) = await self.on_engine(record, advance)
+                vocab = engine.bundle.tokenizer("text")
+                tokens_consumed = record.tokens_consumed + len(tokens)
+                result = FeedResult(len(tokens), tokens_consumed, list(tokens),
+                                    [vocab.id_to_token(t) or "" for t in tokens] if want_log_probs else [],
+                                    [float(p) for p in scores] if want_log_probs else None)
+                if tokens:
+                    record = record.advanced(state, tokens, self.clock(), self.limits.history_tokens)
+                elif not request_id:
+                    return result
+                else:
+                    record = record.touched(self.clock())
+                # What a retry is answered with: the ids only when the answer carries them (log-probs asked for).
+                remembered = dataclasses.asdict(result) if want_log_probs else dataclasses.asdict(
+                    dataclasses.replace(result, token_ids=[]))
+                try:
+                    await self._save(record.with_applied(request_id, remembered, self.limits.applied_ids))
+                    return result
+                except StoreConflict:
+                    if attempt == self.conflict_retries:
+                        raise _aborted(session_id, "Feed") from None
 
     def generate(self, session_id: str, params: DecodingParams, *, leave_unchanged: bool = False,
-                 request_id: str = "") -> SessionGeneration:
+                 request_id: str = "", retry_id: str = "") -> SessionGeneration:
         """Acknowledge a generation now (its place in the session's order); iterate the result for events.
 
-        FailedPrecondition if the session already has a generation acknowledged and not over.
+        FailedPrecondition if the session already has a generation acknowledged and not over. A `retry_id`
+        (a client's request_id) that the session already applied replays that generation's result instead.
+        With a shared store, `await ensure(session_id)` first.
         """
-        live = self._lookup(session_id)
+        live = self._lookup(session_id)  # (the caller awaited ensure(session_id) first)
         if live.line.generating:
             raise FailedPrecondition(f"session {_short(session_id)} is already generating; a session runs one "
                                      "generation at a time (wait for it to finish or cancel it)")
         turn = self._join(session_id, generates=True)
         generation = SessionGeneration(self, session_id, turn, params, leave_unchanged,
-                                       request_id or secrets.token_hex(8))
+                                       request_id or secrets.token_hex(8), retry_id)
         self._keep(generation.task)
         return generation
 
     async def fork(self, session_id: str, ttl_seconds: int = 0) -> SessionInfo:
         ttl = self._ttl(ttl_seconds) if ttl_seconds else None
+        await self.ensure(session_id)
         async with self._join(session_id):
             record = await self.record_of(session_id)
             copy = record.copy_as(secrets.token_hex(16), ttl or record.ttl_seconds, self.clock())
             await self._admit(copy)
+            try:  # the original was used too: its idle time starts again, also after a restart
+                await self._save(record.touched(copy.created_at))
+            except StoreConflict:
+                pass  # another replica used it at the same time, which restarted its idle time anyway
             return self._info(copy, self._live[copy.session_id])
 
     async def get(self, session_id: str, *, generation_included: bool = False) -> SessionInfo:
         """A snapshot after every operation acknowledged before it; a generation still running at the end
         of the line is reported as `generating` rather than waited for, unless `generation_included`."""
+        await self.ensure(session_id)
         await self._lookup(session_id).line.settled(generation_included=generation_included)
         live = self._lookup(session_id)
         record = await self.record_of(session_id)
         return self._info(record, live)
 
     async def close(self, session_id: str) -> SessionInfo:
+        await self.ensure(session_id)
         async with self._join(session_id):
             record = await self.record_of(session_id)
             info = self._info(record, self._live[session_id])
-            self._forget(session_id, CLOSED)
+            await self._end(session_id, CLOSED)
             return info
+
+    async def export(self, session_id: str) -> bytes:
+        """The session as bytes another server can import (signed when the manager has a signing key)."""
+        await self.ensure(session_id)
+        async with self._join(session_id):
+            return pack(await self.record_of(session_id), self.signing_key)
+
+    async def import_(self, data: bytes, ttl_seconds: int = 0) -> SessionInfo:
+        """A new session (a new id) from `export`'s bytes: refused if they were tampered with, or do not fit
+        the model version they name (version missing, another bundle, another state shape)."""
+        record = unpack(data, self.signing_key)
+        ttl = self._ttl(ttl_seconds) if ttl_seconds else min(record.ttl_seconds, self.limits.max_ttl_seconds)
+
+        async def check(engine: ModelEngine) -> None:
+            if engine.kind != "lm":
+                raise FailedPrecondition(f"the session was made on {record.model} v{record.version}, which is a "
+                                         "translation model here")
+            checksum = bundle_checksum(engine.bundle)
+            if record.checksum and record.checksum != checksum:
+                raise FailedPrecondition(
+                    f"the session was made on {record.model} v{record.version} with bundle checksum "
+                    f"{record.checksum}; this server's {record.model} v{record.version} has checksum {checksum}")
+            zero = engine.runner.zero_state(1)
+            shapes = [list(s.shape) for s in record.state]
+            expected = [list(s.shape) for s in zero]
+            dtypes = [str(s.dtype) for s in record.state]
+            if shapes != expected or dtypes != [str(s.dtype) for s in zero]:
+                raise InvalidArgument(f"the session's state has shapes {shapes} ({', '.join(dtypes)}); "
+                                      f"{record.model} v{record.version} has state shapes {expected}",
+                                      field="data", value="state shapes", allowed=str(expected))
+
+        try:
+            await self._retrying(lambda: self.registry.get(record.model, record.version), check)
+        except NotFound as error:
+            raise FailedPrecondition(f"the session was made on {record.model} v{record.version}, which this "
+                                     f"server cannot serve: {error}") from None
+        now = self.clock()
+        copy = record.copy_as(secrets.token_hex(16), ttl, now)
+        await self._admit(copy)
+        return self._info(copy, self._live[copy.session_id])
 
     async def sweep(self) -> int:
         """Expire every session idle past its TTL now; how many went."""
+        if self.shared:
+            return await self._expire_stored(self.clock())
         return self._expire_due(self.clock())
 
     # --- for SessionGeneration ------------------------------------------------------------------
 
-    async def record_of(self, session_id: str) -> SessionRecord:
-        self._lookup(session_id)
-        record = await self.store.get(session_id)
+    async def record_of(self, session_id: str, cached: bool = False) -> SessionRecord:
+        """The session's record from the store (with `cached`, this process's copy if it has one)."""
+        live = self._lookup(session_id)
+        record = await (self.store.get_cached(session_id) if cached else self.store.get(session_id))
         if record is None:
-            self._forget(session_id, EVICTED)
-            raise NotFound(f"session {_short(session_id)} is no longer stored; create a new one")
+            why = await self.store.ended(session_id)  # ended by another replica, or lost by the store
+            self._forget(session_id, None, why or "is no longer stored; create a new one")
+            raise NotFound(f"session {_short(session_id)} {self._ended[session_id]}")
+        if self.shared:  # another replica may have used it since: the stored times are the truth
+            now = self.clock()
+            if record.expires_at <= now and live.line.pending <= 1:  # idle past its TTL, and not by us
+                why = _why(EXPIRED, record, self.limits)
+                if await self.store.expire(session_id, why, now):
+                    self._forget(session_id, EXPIRED, why)
+                    raise NotFound(f"session {_short(session_id)} {why}")
+            live.last_used_at = max(live.last_used_at, record.last_used_at)
+            live.ttl_seconds = record.ttl_seconds
         return record
 
     async def on_engine(self, record: SessionRecord, call: Callable[[ModelEngine], Awaitable[T] | T]
@@ -241,15 +402,25 @@ class SessionManager:
         swap). A version gone from the repository ends the session (NOT_FOUND saying so)."""
         async def engine() -> ModelEngine:
             try:
-                return await self.registry.get(record.model, record.version)
+                found = await self.registry.get(record.model, record.version)
             except NotFound:
-                self._forget(record.session_id, MODEL_REMOVED)
+                if self.shared:  # another replica may still serve it: this one only cannot
+                    raise FailedPrecondition(
+                        f"session {_short(record.session_id)} is bound to model {record.model} version "
+                        f"{record.version}, which this server does not serve; send it to a replica that does"
+                    ) from None
+                await self._end(record.session_id, MODEL_REMOVED)
                 raise NotFound(f"session {_short(record.session_id)} ended: model {record.model} version "
                                f"{record.version}, which it was bound to, left the repository") from None
+            if record.checksum and bundle_checksum(found.bundle) != record.checksum:
+                raise FailedPrecondition(
+                    f"session {_short(record.session_id)} is bound to model {record.model} version {record.version} "
+                    f"with bundle checksum {record.checksum}; this server's has {bundle_checksum(found.bundle)}")
+            return found
 
         return await self._retrying(engine, call)
 
-    async def park(self, record: SessionRecord, engine: ModelEngine, finish: FinishEvent) -> int:
+    async def park(self, record: SessionRecord, engine: ModelEngine, finish: FinishEvent, retry_id: str = "") -> int:
         """Add a finished (or cancelled) generation's tokens to the session; its new tokens_consumed.
 
         The session takes every token the engine chose before it stopped: those of a matched stop
@@ -266,7 +437,15 @@ class SessionManager:
         else:  # beam search returns no state: read the chosen tokens in one batched prefill
             state, _ = await _feed_all(engine, record.state, [record.last_token_id, *chosen[:-1]])
         record = record.advanced(state, chosen, self.clock(), self.limits.history_tokens)
-        await self._save(record)
+        best = finish.hypotheses[0] if finish.hypotheses else None
+        record = record.with_applied(retry_id, {
+            "token_ids": list(finish.generated_ids), "text": finish.text, "reason": finish.reason.value,
+            "log_prob": best.log_prob if best is not None else 0.0, "tokens_consumed": record.tokens_consumed},
+            self.limits.applied_ids)
+        try:
+            await self._save(record)
+        except StoreConflict:
+            raise _aborted(record.session_id, "GenerateInSession") from None
         return record.tokens_consumed
 
     # --- bookkeeping ----------------------------------------------------------------------------
@@ -280,8 +459,8 @@ class SessionManager:
             if not session_id:
                 raise InvalidArgument(field="session_id", value=session_id, allowed="a session id from CreateSession")
             raise NotFound(f"unknown session {_short(session_id)}; CreateSession opens one")
-        if not live.line.busy and live.expires_at <= self.clock():
-            self._forget(session_id, EXPIRED)
+        if not self.shared and not live.line.busy and live.expires_at <= self.clock():
+            self._end_soon(session_id, EXPIRED)
             raise NotFound(f"session {_short(session_id)} {self._ended[session_id]}")
         return live
 
@@ -298,21 +477,50 @@ class SessionManager:
         self._live.move_to_end(session_id)
 
     async def _admit(self, record: SessionRecord) -> None:
-        """Add a new session, first expiring and then evicting (least recently used, idle) to make room."""
+        """Add a new session, first expiring and then evicting (least recently used, idle) to make room.
+        The cap counts the store's sessions (with a shared store, every replica's)."""
         limit = self.limits.max_sessions
-        if len(self._live) >= limit:
-            self._expire_due(self.clock())
-        while len(self._live) >= limit:
-            victim = next((sid for sid, live in self._live.items() if not live.line.busy), None)
-            if victim is None:
-                raise ResourceExhausted(f"this server holds at most {limit} sessions and every one is busy; "
-                                        "close sessions you no longer need, or retry later")
-            self._forget(victim, EVICTED)
+        if self.shared:
+            await self._make_room_in_store(limit)
+        else:
+            if len(self._live) >= limit:
+                self._expire_due(self.clock())
+            while len(self._live) >= limit:
+                victim = next((sid for sid, live in self._live.items() if not live.line.busy), None)
+                if victim is None:
+                    raise ResourceExhausted(f"this server holds at most {limit} sessions and every one is busy; "
+                                            "close sessions you no longer need, or retry later")
+                self._end_soon(victim, EVICTED)
+        await self.store.put(record)
+        self._index(record)
+
+    async def _make_room_in_store(self, limit: int) -> None:
+        excess = await self.store.count() - limit + 1
+        if excess <= 0:
+            return
+        await self._expire_stored(self.clock())
+        excess = await self.store.count() - limit + 1
+        if excess <= 0:
+            return
+        for victim in await self.store.least_recently_used(excess + 64):
+            if excess <= 0:
+                return
+            live = self._live.get(victim)
+            if live is not None and live.line.busy:
+                continue
+            if live is not None:
+                self._forget(victim, EVICTED)
+            await self.store.delete(victim, self._ended.get(victim) or _why(EVICTED, None, self.limits))
+            excess -= 1
+        if excess > 0:
+            raise ResourceExhausted(f"the session store holds at most {limit} sessions and every one is busy; "
+                                    "close sessions you no longer need, or retry later")
+
+    def _index(self, record: SessionRecord | StoredSession) -> None:
         live = self._live[record.session_id] = _Live(record)
         heapq.heappush(self._expiry, (live.expires_at, record.session_id))
         self.metrics.sessions_active.labels(model=record.model).inc()
         self.metrics.session_state_bytes.labels(model=record.model).inc(live.state_bytes)
-        await self.store.put(record)
 
     async def _save(self, record: SessionRecord) -> None:
         live = self._live.get(record.session_id)
@@ -323,24 +531,40 @@ class SessionManager:
             live.state_bytes = record.state_bytes
         await self.store.put(record)
 
-    def _forget(self, session_id: str, reason: str) -> None:
+    def _forget(self, session_id: str, reason: str | None, why: str | None = None) -> str | None:
+        """Drop a session from this process's index and remember why it ended (`why`, or the reason's
+        message); the message, or None if it was not indexed. The store is the caller's to update."""
         live = self._live.pop(session_id, None)
         if live is None:
-            return
+            return None
         self.metrics.sessions_active.labels(model=live.model).dec()
         self.metrics.session_state_bytes.labels(model=live.model).dec(live.state_bytes)
-        if reason != CLOSED:
+        if reason not in (CLOSED, None):
             self.metrics.sessions_evicted_total.labels(model=live.model, reason=reason).inc()
-        self._ended[session_id] = {
-            CLOSED: "was closed",
-            EXPIRED: f"expired: it was idle for longer than its TTL of {live.ttl_seconds} s",
-            EVICTED: f"was evicted: this server holds at most {self.limits.max_sessions} sessions and it was the "
-                     "least recently used",
-            MODEL_REMOVED: f"ended: model {live.model} version {live.version} left the repository",
-        }[reason]
+        why = self._ended[session_id] = why or _why(reason, live, self.limits)
         while len(self._ended) > self.limits.tombstones:
             self._ended.popitem(last=False)
-        self._keep(asyncio.ensure_future(self.store.delete(session_id)))
+        return why
+
+    async def _end(self, session_id: str, reason: str) -> None:
+        """End a session: forgotten here, deleted from the store (with why) before this returns."""
+        why = self._forget(session_id, reason)
+        if why is not None:
+            await self.store.delete(session_id, why)
+
+    def _end_soon(self, session_id: str, reason: str) -> None:
+        """`_end` from synchronous code: the store's delete runs in the background."""
+        why = self._forget(session_id, reason)
+        if why is not None:
+            delete = asyncio.ensure_future(self._delete_logged(session_id, why))
+            self._deletes.add(delete)
+            delete.add_done_callback(self._deletes.discard)
+
+    async def _delete_logged(self, session_id: str, why: str) -> None:
+        try:
+            await self.store.delete(session_id, why)
+        except Exception:  # the record stays; the next restart or sweep ends it again
+            logger.exception("deleting session %s from the store failed", _short(session_id))
 
     def _expire_due(self, now: float) -> int:
         expired = 0
@@ -355,18 +579,56 @@ class SessionManager:
             elif live.expires_at > now:  # used since this entry was pushed
                 heapq.heappush(heap, (live.expires_at, session_id))
             else:
-                self._forget(session_id, EXPIRED)
+                self._end_soon(session_id, EXPIRED)
                 expired += 1
         if len(heap) > 2 * len(self._live) + 1024:  # entries of ended sessions pile up: rebuild
             self._expiry = [(live.expires_at, sid) for sid, live in self._live.items()]
             heapq.heapify(self._expiry)
         return expired
 
+    async def _expire_stored(self, now: float) -> int:
+        """A shared store's sessions whose stored idle time ran out (any replica may sweep them)."""
+        expired = 0
+        for session_id in await self.store.due(now):
+            live = self._live.get(session_id)
+            if live is not None and live.line.busy:
+                continue
+            record = await self.store.get(session_id)
+            if record is None:
+                continue
+            why = _why(EXPIRED, record, self.limits)
+            if await self.store.expire(session_id, why, now):
+                expired += 1
+                if self._forget(session_id, EXPIRED, why) is None:
+                    self.metrics.sessions_evicted_total.labels(model=record.model, reason=EXPIRED).inc()
+                    self._ended[session_id] = why
+        return expired
+
+    def _unindex_idle(self, now: float) -> None:
+        """With a shared store, drop from this process's index the sessions idle here past their TTL: another
+        replica may be using them (the store says, when one comes back here) or have ended them."""
+        heap = self._expiry
+        while heap and heap[0][0] <= now:
+            _, session_id = heapq.heappop(heap)
+            live = self._live.get(session_id)
+            if live is None:
+                continue
+            if live.line.busy or live.expires_at > now:
+                heapq.heappush(heap, (max(live.expires_at, now + 1.0), session_id))
+                continue
+            del self._live[session_id]
+            self.metrics.sessions_active.labels(model=live.model).dec()
+            self.metrics.session_state_bytes.labels(model=live.model).dec(live.state_bytes)
+
     async def _sweep_forever(self) -> None:
         while True:
             await asyncio.sleep(self.limits.sweep_seconds)
             try:
-                self._expire_due(self.clock())
+                if self.shared:
+                    await self._expire_stored(self.clock())
+                    self._unindex_idle(self.clock())
+                else:
+                    self._expire_due(self.clock())
             except Exception:  # never let bookkeeping end the sweeper
                 logger.exception("expiring sessions failed")
 
@@ -420,6 +682,23 @@ async def _feed_all(engine: ModelEngine, state: State, ids: list[int], next_toke
         if want_log_probs:
             scores.extend(part.tolist())
     return state, scores
+
+
+def _why(reason: str, session, limits: SessionLimits) -> str:
+    """What NOT_FOUND says of a session that ended for `reason` (`session`: its record or index entry)."""
+    if reason == CLOSED:
+        return "was closed"
+    if reason == EXPIRED:
+        return f"expired: it was idle for longer than its TTL of {session.ttl_seconds} s"
+    if reason == EVICTED:
+        return (f"was evicted: the server holds at most {limits.max_sessions} sessions and it was the least "
+                "recently used")
+    return f"ended: model {session.model} version {session.version} left the repository"
+
+
+def _aborted(session_id: str, rpc: str) -> Aborted:
+    return Aborted(f"{rpc} on session {_short(session_id)} was not applied: another replica changed the session at "
+                   "the same time; retry it (with the same request_id, a retry is applied at most once)")
 
 
 def _short(session_id: str) -> str:

@@ -42,6 +42,9 @@ class SessionRecord:
     created_at: float  # unix seconds
     last_used_at: float  # unix seconds
     extra: dict = field(default_factory=dict)  # room for later fields; serialised as JSON
+    revision: int = 1  # bumped by every change; a store writes a record only over revision - 1 (compare-and-set)
+    checksum: str = ""  # the bundle's checksum of (model, version) when the session began ("" = not recorded)
+    applied: tuple = ()  # (request_id, result dict) of the last few operations that carried a request_id
 
     def __post_init__(self):
         history = np.asarray(self.history, dtype=np.int32)
@@ -69,12 +72,41 @@ class SessionRecord:
         if keep is not None:
             history = history[-max(1, keep):]
         return replace(self, state=state, history=history, tokens_consumed=self.tokens_consumed + len(tokens),
-                       last_used_at=used_at)
+                       last_used_at=used_at, revision=self.revision + 1)
+
+    def touched(self, used_at: float) -> SessionRecord:
+        """The record used at `used_at` without a change to its text (a new revision all the same)."""
+        return replace(self, last_used_at=used_at, revision=self.revision + 1)
+
+    def with_applied(self, request_id: str, result: dict, keep: int = 8, token_budget: int = 4096) -> SessionRecord:
+        """The record remembering that the operation `request_id` gave `result`: the last `keep` ids, fewer if
+        their answers hold more than `token_budget` token ids together (a record is written at every change)."""
+        if not request_id:
+            return self
+        applied = list(item for item in self.applied if item[0] != request_id) + [(request_id, result)]
+        applied = applied[-keep:]
+        held = sum(len(answer.get("token_ids") or ()) for _, answer in applied)
+        while len(applied) > 1 and held > token_budget:
+            held -= len(applied.pop(0)[1].get("token_ids") or ())
+        return replace(self, applied=tuple(applied))
+
+    def applied_result(self, request_id: str) -> dict | None:
+        """What the operation `request_id` gave, if this session applied it (among its last few)."""
+        if request_id:
+            for known, result in self.applied:
+                if known == request_id:
+                    return result
+        return None
+
+    @property
+    def expires_at(self) -> float:
+        return self.last_used_at + self.ttl_seconds
 
     def copy_as(self, session_id: str, ttl_seconds: int, now: float) -> SessionRecord:
         """A fork: a copy of the state (O(state bytes)); the read-only history is shared."""
         return replace(self, session_id=session_id, state=tuple(s.copy() for s in self.state),
-                       ttl_seconds=ttl_seconds, created_at=now, last_used_at=now, extra=dict(self.extra))
+                       ttl_seconds=ttl_seconds, created_at=now, last_used_at=now, extra=dict(self.extra),
+                       revision=1, applied=())
 
     # --- serialisation ------------------------------------------------------------------------------
 
@@ -84,7 +116,8 @@ class SessionRecord:
             "session_id": self.session_id, "model": self.model, "version": self.version,
             "tokens_consumed": self.tokens_consumed, "ttl_seconds": self.ttl_seconds,
             "created_at": self.created_at, "last_used_at": self.last_used_at,
-            "extra": self.extra,
+            "extra": self.extra, "revision": self.revision, "checksum": self.checksum,
+            "applied": [list(item) for item in self.applied],
             "tensors": [{"dtype": t.dtype.newbyteorder("<").str, "shape": list(t.shape)} for t in tensors],
         }
         head = json.dumps(header, separators=(",", ":")).encode()
@@ -122,4 +155,6 @@ class SessionRecord:
                    state=tuple(tensors[:-1]), history=tensors[-1], tokens_consumed=int(header["tokens_consumed"]),
                    ttl_seconds=int(header["ttl_seconds"]),
                    created_at=float(header["created_at"]), last_used_at=float(header["last_used_at"]),
-                   extra=dict(header.get("extra") or {}))
+                   extra=dict(header.get("extra") or {}), revision=int(header.get("revision", 1)),
+                   checksum=str(header.get("checksum", "")),
+                   applied=tuple((str(rid), dict(result)) for rid, result in header.get("applied") or ()))

@@ -47,7 +47,9 @@ def test_compose_config_is_valid(files):
     assert result.returncode == 0, result.stderr
     services = compose(*args, "config", "--services")
     assert services.returncode == 0, services.stderr
-    assert set(services.stdout.split()) == {"seqserve", "prometheus", "grafana"}
+    # docker-compose 1.29's `config` lists every service; those of a profile (replicas) start only with it.
+    profiled = {name for name, service in load_yaml(COMPOSE)["services"].items() if service.get("profiles")}
+    assert set(services.stdout.split()) - profiled == {"seqserve", "prometheus", "grafana"}
     if COMPOSE_GPU in files:  # the override's additions survive the merge
         assert "Dockerfile.gpu" in result.stdout and "driver: nvidia" in result.stdout
 

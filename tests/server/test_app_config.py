@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from server.config import ConfigError, ServerConfig, load_config
+from server.config import SERVE_SESSION_STORE, ConfigError, ServerConfig, load_config
 
 
 def test_defaults_are_valid_and_documented_values():
     config = load_config(env={})
-    assert config == ServerConfig()
+    assert config == ServerConfig(session_store=SERVE_SESSION_STORE)
     assert config.repository == "models" and config.port == 50051 and config.metrics_port == 9464
     assert config.providers == ("CPUExecutionProvider",)
 

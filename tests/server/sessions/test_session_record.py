@@ -87,3 +87,19 @@ def test_the_in_memory_store(serialize):
         assert await store.get("a" * 32) is None and await store.ids() == ["b" * 32]
 
     asyncio.run(go())
+
+
+def test_a_record_remembers_the_last_request_ids_within_a_token_budget():
+    record = lstm_record()
+    assert record.revision == 1 and record.applied_result("a") is None
+    for index in range(5):
+        record = record.with_applied(f"id{index}", {"tokens_consumed": index, "token_ids": [7] * 10}, keep=3)
+    assert [rid for rid, _ in record.applied] == ["id2", "id3", "id4"]
+    assert record.applied_result("id3")["tokens_consumed"] == 3 and record.applied_result("id1") is None
+    record = record.with_applied("big", {"token_ids": [1] * 25}, keep=3, token_budget=30)
+    assert [rid for rid, _ in record.applied] == ["big"]  # 10 + 10 + 25 tokens held > 30: the oldest went
+    assert record.with_applied("", {"x": 1}) is record  # no id, nothing remembered
+    back = SessionRecord.from_bytes(record.to_bytes())
+    assert back.applied == record.applied and back.revision == record.revision
+    assert record.advanced(record.state, [5], 2.0).revision == record.revision + 1
+    assert record.touched(3.0).revision == record.revision + 1

@@ -1,0 +1,117 @@
+"""Real services the tests start for themselves: redis-server, nginx, `seqserve serve` processes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (the OS's pick for port 0)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class RedisServer:
+    """A real `redis-server` (Debian's; `make setup-system` installs it) on a free port in a temp dir, with
+    the AOF on and `appendfsync always`, as compose runs it."""
+
+    def __init__(self, directory: Path):
+        import shutil
+        import subprocess
+        import time
+
+        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(directory), "--save", "",
+             "--appendonly", "yes", "--appendfsync", "always", "--daemonize", "no", "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        import redis
+
+        client = redis.Redis(port=self.port)
+        for _ in range(200):
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"redis-server exited: {self.process.stderr.read().decode()}") from None
+                time.sleep(0.05)
+        else:
+            raise RuntimeError("redis-server did not answer PING")
+        self.client = client
+
+    def flush(self) -> None:
+        self.client.flushall()
+
+    def stop(self) -> None:
+        self.client.close()
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+class ServeProcess:
+    """`seqserve serve` in a process of its own (so it can be killed with SIGKILL), on port 0; `port` is read
+    from its "serving" log line. `env` adds SEQSERVE_* settings."""
+
+    def __init__(self, repository: Path, *, session_store: str, env: dict | None = None, cwd: Path | None = None,
+                 port: int = 0, timeout: float = 120.0):
+        import json
+        import os
+        import subprocess
+        import sys
+        import threading
+
+        settings = {**os.environ, "SEQSERVE_INTRA_OP_THREADS": "1", "SEQSERVE_POLL_INTERVAL_SECONDS": "0",
+                    "SEQSERVE_METRICS_PORT": "-1", "SEQSERVE_LOG_FORMAT": "json", **(env or {})}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "seqserve.cli", "serve", "--repository", str(repository), "--port", str(port),
+             "--session-store", session_store], env=settings, cwd=cwd, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True)
+        self.log: list[str] = []
+        serving = threading.Event()
+        self.port = None
+
+        def read() -> None:  # keeps reading, so a chatty server never blocks on a full pipe
+            for line in self.process.stderr:
+                self.log.append(line)
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue
+                if entry.get("event") == "serving":
+                    self.port = entry["grpc_port"]
+                    serving.set()
+            serving.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        serving.wait(timeout)
+        if self.port is None:
+            self.kill()
+            raise RuntimeError("seqserve serve did not start:\n" + "".join(self.log[-30:]))
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def kill(self) -> None:
+        """SIGKILL: no drain, no flush, nothing the process could still do."""
+        import signal
+
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    def stop(self) -> None:
+        import signal
+
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except Exception:
+                self.kill()
