@@ -10,12 +10,11 @@ import time
 
 import grpc
 import pytest
-import torch
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from exporters.bundle import ExportOptions, export_run
+from exporters.bundle import ExportOptions
 from exporters.parity import ParitySettings
 from seqserve.v1 import service_pb2 as pb
 from seqserve.v1 import service_pb2_grpc as pb_grpc
@@ -32,15 +31,9 @@ LONG = S(max_new_tokens=100_000, min_new_tokens=100_000)  # runs until cancelled
 
 
 @pytest.fixture(scope="module")
-def repository(tiny_runs, tmp_path_factory):
+def repository(export_tiny_models, tmp_path_factory):
     repository = tmp_path_factory.mktemp("repository")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        export_run(tiny_runs["lstm", "lm"], repository, "tiny-lm", options=SMALL_EXPORT)
-        export_run(tiny_runs["gru", "seq2seq"], repository, "tiny-g2p", options=SMALL_EXPORT)
-    finally:
-        torch.set_num_threads(before)
+    export_tiny_models(repository, SMALL_EXPORT)
     # A bundle that cannot load: its manifest names another model.
     shutil.copytree(repository / "tiny-lm", repository / "broken-lm")
     return repository

@@ -9,20 +9,15 @@ from __future__ import annotations
 
 import grpc
 import pytest
-import torch
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exporters.bundle import ExportOptions, export_run
-from exporters.parity import ParitySettings
 from seqserve.v1 import service_pb2 as pb
 from server.app import ServerThread
 from server.config import ServerConfig
 
-SMALL_EXPORT = ExportOptions(eval_limit=10, real_inputs=50,
-                             parity=ParitySettings(greedy_inputs=5, beam_inputs=2, max_new_tokens=10))
 S = pb.DecodingOptions
 INT32 = st.integers(-(2**31), 2**31 - 1)
 SMALL = st.integers(-3, 40)
@@ -53,15 +48,9 @@ def session_ids(created: list[str]):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_runs, tmp_path_factory):
+def server(export_tiny_models, tmp_path_factory):
     repository = tmp_path_factory.mktemp("repository")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        export_run(tiny_runs["lstm", "lm"], repository, "tiny-lm", options=SMALL_EXPORT)
-        export_run(tiny_runs["gru", "seq2seq"], repository, "tiny-g2p", options=SMALL_EXPORT)
-    finally:
-        torch.set_num_threads(before)
+    export_tiny_models(repository)
     config = ServerConfig(repository=str(repository), port=0, metrics_port=-1, poll_interval_seconds=0,
                           max_new_tokens=40, default_max_new_tokens=16, max_input_tokens=64, max_beam_size=4,
                           default_beam_size=2, max_sessions=20, log_level="error")

@@ -7,34 +7,23 @@ import threading
 
 import grpc
 import pytest
-import torch
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
-from exporters.bundle import ExportOptions, export_run
-from exporters.parity import ParitySettings
 from seqserve.v1 import service_pb2 as pb
 from server.app import ServerThread
 from server.config import ServerConfig
 
-SMALL_EXPORT = ExportOptions(eval_limit=10, real_inputs=50,
-                             parity=ParitySettings(greedy_inputs=5, beam_inputs=2, max_new_tokens=10))
 S = pb.DecodingOptions
 ENDLESS_TOKENS = 1_000_000  # no machine reaches it: the test cancels the stream
 HUGE = "the cat sat on the mat. " * 170_000  # 4.08 million characters, under the 4 MiB message limit
 
 
 @pytest.fixture(scope="module")
-def server(tiny_runs, tmp_path_factory):
+def server(export_tiny_models, tmp_path_factory):
     repository = tmp_path_factory.mktemp("repository")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        export_run(tiny_runs["lstm", "lm"], repository, "tiny-lm", options=SMALL_EXPORT)
-        export_run(tiny_runs["gru", "seq2seq"], repository, "tiny-g2p", options=SMALL_EXPORT)
-    finally:
-        torch.set_num_threads(before)
+    export_tiny_models(repository)
     config = ServerConfig(repository=str(repository), port=0, metrics_port=-1, poll_interval_seconds=0,
                           max_input_tokens=64, max_new_tokens=ENDLESS_TOKENS, log_level="error")
     with ServerThread(config) as running:
