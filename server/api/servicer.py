@@ -13,8 +13,8 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 
+from seqserve.bundle import MANIFEST_FILE, BundleError, bundle_path, read_manifest
 from seqserve.v1 import service_pb2 as pb
 from seqserve.v1 import service_pb2_grpc as pb_grpc
 from seqserve.v1.manifest_pb2 import ModelKind
@@ -22,7 +22,6 @@ from server.api import convert
 from server.api.converse import converse
 from server.api.convert import RequestLimits
 from server.api.errors import request_id_var
-from server.bundle import MANIFEST_FILE, BundleError, read_manifest
 from server.bundle.sessions import provider_name
 from server.engine.requests import FinishEvent, GenerationRequest, TokenEvent, TranslationRequest
 from server.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, SeqserveError, Unavailable
@@ -146,7 +145,7 @@ class SeqserveServicer(pb_grpc.SeqserveServicer):
         if version not in status.versions:
             raise NotFound(f"model {name!r} has no version {version}; it has {', '.join(map(str, status.versions))}")
         try:
-            manifest = read_manifest(Path(self._registry.repository) / name / str(version) / MANIFEST_FILE)
+            manifest = read_manifest(bundle_path(self._registry.repository, name, version) / MANIFEST_FILE)
         except BundleError as error:
             raise Unavailable(f"model {name} version {version} cannot be described: {error}") from error
         return convert.model_info_to_pb(name, version, manifest,

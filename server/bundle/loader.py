@@ -1,13 +1,12 @@
-"""Verifying a bundle on disk and opening it: checksums, ONNX Runtime sessions, tokenizers.
+"""Opening a verified bundle for serving: ONNX Runtime sessions and tokenizers.
 
-`verify_bundle` needs nothing but the files (exporters and `seqserve inspect` use it); `load_bundle`
-also opens one ONNX Runtime session per graph and checks each graph's real inputs and outputs against
-the manifest, so a bundle that loads is one the server can feed.
+`seqserve.bundle.verify_bundle` needs nothing but the files (exporters and `seqserve inspect` use it);
+`load_bundle` verifies the same way, then opens one ONNX Runtime session per graph and checks each
+graph's real inputs and outputs against the manifest, so a bundle that loads is one the server can feed.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -19,9 +18,10 @@ from typing import Any
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from seqserve.bundle.checksums import verify_bundle
+from seqserve.bundle.errors import BundleError
+from seqserve.bundle.manifest import graphs_of_variant
 from seqserve.v1.manifest_pb2 import Graph, Manifest, ModelKind, ParityReport
-from server.bundle.errors import BundleError
-from server.bundle.manifest import MANIFEST_FILE, graphs_of_variant, read_manifest
 from server.bundle.sessions import (
     CPU_PROVIDER,
     ProviderSpec,
@@ -36,7 +36,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_VARIANT = "fp32"
 # The special tokens every seqserve tokenizer carries (docs/architecture.md), by manifest field.
 _SPECIAL_TOKENS = {"pad_id": "<pad>", "bos_id": "<bos>", "eos_id": "<eos>", "unk_id": "<unk>"}
-_CHUNK_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -111,53 +110,6 @@ class LoadedBundle:
                 f"bundle {self.name} v{self.version} has no {role!r} tokenizer; "
                 f"it has {', '.join(self.tokenizers)}"
             ) from None
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex SHA-256 of a file, read in chunks so large graphs never sit in memory twice."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def verify_bundle(
-    bundle_dir: str | os.PathLike[str],
-    *,
-    expected_name: str | None = None,
-    expected_version: int | None = None,
-) -> Manifest:
-    """Validate a bundle's manifest and the checksum of every file; return the manifest.
-
-    `expected_name` and `expected_version`, when given (a repository's directory names), must match
-    the manifest's, so a bundle copied under another name or version is refused.
-    """
-    bundle_dir = Path(bundle_dir)
-    if not bundle_dir.is_dir():
-        raise BundleError(f"bundle directory {bundle_dir} does not exist")
-    manifest = read_manifest(bundle_dir / MANIFEST_FILE)
-    if expected_name is not None and manifest.name != expected_name:
-        raise BundleError(
-            f"bundle {bundle_dir}: the manifest names the model {manifest.name!r}, "
-            f"its directory {expected_name!r}"
-        )
-    if expected_version is not None and manifest.version != expected_version:
-        raise BundleError(
-            f"bundle {bundle_dir}: manifest says version {manifest.version}, its directory {expected_version}"
-        )
-    problems = []
-    for file_name, expected in sorted(manifest.sha256.items()):
-        path = bundle_dir / file_name
-        if not path.is_file():
-            problems.append(f"missing file {file_name}")
-            continue
-        actual = sha256_file(path)
-        if actual != expected:
-            problems.append(f"checksum mismatch for {file_name}: expected {expected}, got {actual}")
-    if problems:
-        raise BundleError(f"bundle {bundle_dir}: " + "; ".join(problems))
-    return manifest
 
 
 def load_bundle(

@@ -11,9 +11,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from seqserve.bundle.manifest import LAST_LOG_PROBS
 from seqserve.v1.manifest_pb2 import ModelKind
 from server.bundle import LoadedBundle, LoadedGraph
-from server.bundle.manifest import LAST_LOG_PROBS
 from server.engine.batch import DecodeBatch, State
 from server.engine.binding import BoundStep, device_of
 
