@@ -138,9 +138,9 @@ class InferenceServicer:
             config.output.add(name=tensors.TEXT, data_type=string, dims=[-1])
             config.output.add(name=tensors.SCORE, data_type=fp32, dims=[-1])
             config.dynamic_batching.SetInParent()
-        manifest = model.bundle.manifest
-        config.parameters["kind"].string_value = "lm" if model.kind == ModelKind.MODEL_KIND_LM else "seq2seq"
-        config.parameters["cell"].string_value = str(manifest.cell)
+        spec = model.bundle.spec
+        config.parameters["kind"].string_value = spec.kind.value
+        config.parameters["cell"].string_value = spec.cell
         config.parameters["version"].string_value = str(model.version)
         return oip.ModelConfigResponse(config=config)
 

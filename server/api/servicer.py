@@ -123,7 +123,7 @@ class SeqserveServicer(pb_grpc.SeqserveServicer):
         models = []
         for status in self._registry.models():
             latest = status.serving_version if status.serving_version is not None else max(status.versions)
-            kind = status.manifest.kind if status.manifest is not None else None
+            kind = status.spec.kind.to_pb() if status.spec is not None else None
             models.append(convert.model_summary_to_pb(status.name, status.versions, latest, kind,
                                                       ready=status.serving_version is not None))
         return pb.ListModelsResponse(models=models)
@@ -294,11 +294,11 @@ class ServedModel:
     def __init__(self, engine, limits: RequestLimits):
         self.engine = engine
         self.bundle = engine.bundle
-        self.name, self.version, self.kind = self.bundle.name, self.bundle.version, self.bundle.kind
+        spec = self.bundle.spec
+        self.name, self.version, self.kind = spec.name, spec.version, spec.kind.to_pb()  # the wire's enum
         self._limits = limits
-        special = self.bundle.manifest.special_tokens
-        self._bos = special.bos_id
-        self._output = self.bundle.tokenizer("text" if self.kind == ModelKind.MODEL_KIND_LM else "target")
+        self._bos = spec.special.bos
+        self._output = self.bundle.tokenizer(spec.output_tokenizer_role)
 
     def check_source_chars(self, text: str, field: str) -> None:
         check_input_chars(self.bundle.tokenizer("source"), text, field, self._limits.max_input_tokens)

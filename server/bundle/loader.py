@@ -21,7 +21,8 @@ from tokenizers import Tokenizer
 from seqserve.bundle.checksums import verify_bundle
 from seqserve.bundle.errors import BundleError
 from seqserve.bundle.manifest import graphs_of_variant
-from seqserve.v1.manifest_pb2 import Graph, Manifest, ModelKind, ParityReport
+from seqserve.bundle.spec import GraphSpec, ModelSpec
+from seqserve.v1.manifest_pb2 import Graph, Manifest, ParityReport
 from server.bundle.sessions import (
     CPU_PROVIDER,
     ProviderSpec,
@@ -40,31 +41,32 @@ _SPECIAL_TOKENS = {"pad_id": "<pad>", "bos_id": "<bos>", "eos_id": "<eos>", "unk
 
 @dataclass(frozen=True)
 class LoadedGraph:
-    """One graph of a loaded bundle: its manifest entry and its open ONNX Runtime session."""
+    """One graph of a loaded bundle: its manifest entry, its typed view, and its open ONNX Runtime session."""
 
-    spec: Graph
+    spec: Graph  # the manifest's entry (the exporters' parity check and the API read it)
+    io: GraphSpec  # the same, typed (the engine reads this)
     session: ort.InferenceSession
     providers: tuple[str, ...]  # what ONNX Runtime gave this session, in priority order
 
     @property
     def role(self) -> str:
-        return self.spec.role
+        return self.io.role
 
     @property
     def input_names(self) -> tuple[str, ...]:
-        return tuple(tensor.name for tensor in self.spec.inputs)
+        return self.io.input_names
 
     @property
     def output_names(self) -> tuple[str, ...]:
-        return tuple(tensor.name for tensor in self.spec.outputs)
+        return self.io.output_names
 
     @property
     def state_inputs(self) -> tuple[str, ...]:
-        return tuple(self.spec.state_inputs)
+        return self.io.state_inputs
 
     @property
     def state_outputs(self) -> tuple[str, ...]:
-        return tuple(self.spec.state_outputs)
+        return self.io.state_outputs
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,8 @@ class LoadedBundle:
     """A bundle ready to serve: verified manifest, one session per graph, tokenizers by role."""
 
     path: Path
-    manifest: Manifest
+    manifest: Manifest  # for the API edge (ModelInfo) and the exporters; the server below it reads `spec`
+    spec: ModelSpec  # the manifest's served variant, typed: what the engine, sessions and registry read
     variant: str
     graphs: Mapping[str, LoadedGraph]  # by role: "step" (and optional "prefill"), or "encoder" and "decoder_step"
     tokenizers: Mapping[str, Tokenizer]  # by role: "text", or "source" and "target"
@@ -87,10 +90,6 @@ class LoadedBundle:
     @property
     def version(self) -> int:
         return self.manifest.version
-
-    @property
-    def kind(self) -> ModelKind.ValueType:
-        return self.manifest.kind
 
     def graph(self, role: str) -> LoadedGraph:
         """The graph of `role`; BundleError if this kind has none."""
@@ -136,6 +135,7 @@ def load_bundle(
         present = sorted({graph.variant for graph in manifest.graphs})
         raise BundleError(f"bundle {bundle_dir} has no {variant!r} graphs; it has {', '.join(present)}")
     _check_parity(bundle_dir, manifest, variant, allow_failed_parity)
+    model_spec = ModelSpec.from_manifest(manifest, variant)
 
     if isinstance(providers, str):
         providers = [providers]  # one name, not a sequence of one-letter names
@@ -143,7 +143,8 @@ def load_bundle(
     resolved = resolve_providers(providers)
     options = make_session_options(session_options)
     graphs = {
-        role: _open_graph(bundle_dir, spec, options, resolved) for role, spec in sorted(graph_specs.items())
+        role: _open_graph(bundle_dir, spec, model_spec.graphs[role], options, resolved)
+        for role, spec in sorted(graph_specs.items())
     }
     tokenizers = {
         role: _open_tokenizer(bundle_dir, manifest, role, file_name)
@@ -154,6 +155,7 @@ def load_bundle(
     bundle = LoadedBundle(
         path=bundle_dir,
         manifest=manifest,
+        spec=model_spec,
         variant=variant,
         graphs=graphs,
         tokenizers=tokenizers,
@@ -178,7 +180,7 @@ def load_bundle(
 
 
 def _open_graph(
-    bundle_dir: Path, spec: Graph, options: ort.SessionOptions, providers: list[ProviderSpec]
+    bundle_dir: Path, spec: Graph, io: GraphSpec, options: ort.SessionOptions, providers: list[ProviderSpec]
 ) -> LoadedGraph:
     path = bundle_dir / spec.file
     try:
@@ -188,7 +190,7 @@ def _open_graph(
     problems = check_graph_io(spec, session)
     if problems:
         raise BundleError(f"bundle {bundle_dir}: graph I/O mismatch: " + "; ".join(problems))
-    return LoadedGraph(spec=spec, session=session, providers=tuple(session.get_providers()))
+    return LoadedGraph(spec=spec, io=io, session=session, providers=tuple(session.get_providers()))
 
 
 def _open_tokenizer(bundle_dir: Path, manifest: Manifest, role: str, file_name: str) -> Tokenizer:
