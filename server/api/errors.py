@@ -1,7 +1,7 @@
 """The edge of every Seqserve call: domain errors -> gRPC status with rich details, and per-call bookkeeping.
 
 `StatusInterceptor` wraps every `seqserve.v1.Seqserve` method so the servicer only raises domain errors
-(`server.errors`): it maps them to status codes per DESIGN.md §4 with `google.rpc` details (BadRequest
+(`server.errors`): it maps them to status codes per the design's §4 with `google.rpc` details (BadRequest
 field violations and ErrorInfo naming field, value and allowed range), turns anything unexpected into
 INTERNAL with one log line (the server never crashes on a request), refuses undecodable requests (bad
 UTF-8 in a string field) with INVALID_ARGUMENT naming the field, checks the optional bearer token, gives
