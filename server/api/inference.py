@@ -26,8 +26,9 @@ import seqserve.inference as oip
 from seqserve.v1.manifest_pb2 import ModelKind
 from server.api import inference_convert as tensors
 from server.api.convert import RequestLimits
-from server.api.errors import request_id_var, status_of
+from server.api.errors import request_id_var
 from server.api.servicer import ServedModel
+from server.api.status import status_of
 from server.decoding import FinishReason
 from server.engine.requests import FinishEvent, GenerationRequest, TokenEvent, TranslationRequest
 from server.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, SeqserveError
