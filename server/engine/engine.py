@@ -138,6 +138,10 @@ class ModelEngine:
                             enqueued_at=time.monotonic(), stream=stream))
         return stream
 
+    def zero_state(self, rows: int = 1) -> State:
+        """The recurrent state before any token, `rows` rows (batch first): where a session starts."""
+        return self.runner.zero_state(rows)
+
     async def feed(self, state: State | None, token_ids: list[int], want_log_probs: bool = False, *,
                    next_token_id: int | None = None, deadline: float | None = None
                    ) -> tuple[State, np.ndarray | None]:

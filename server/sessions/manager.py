@@ -224,7 +224,7 @@ class SessionManager:
                 raise FailedPrecondition(f"sessions need a language model; {engine.name} v{engine.version} is a "
                                          "translation model")
             history = [engine.spec.special.bos, *await self._encode(engine, prefix, "prefix")]
-            state = engine.runner.zero_state(1)
+            state = engine.zero_state(1)
             if len(history) > 1:
                 state, _ = await _feed_all(engine, state, history[:-1])
             return state, history
@@ -350,7 +350,7 @@ class SessionManager:
                 raise FailedPrecondition(
                     f"the session was made on {record.model} v{record.version} with bundle checksum "
                     f"{record.checksum}; this server's {record.model} v{record.version} has checksum {checksum}")
-            zero = engine.runner.zero_state(1)
+            zero = engine.zero_state(1)
             shapes = [list(s.shape) for s in record.state]
             expected = [list(s.shape) for s in zero]
             dtypes = [str(s.dtype) for s in record.state]
