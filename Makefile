@@ -41,10 +41,12 @@ serve: $(VENV)/.installed-serve
 
 test: setup setup-system
 	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 lint: setup
 	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports
 
 proto: setup
 	bash proto/generate.sh

@@ -31,16 +31,17 @@ from exporters.parity import (
     real_sequences,
 )
 from exporters.variants import VARIANT_THRESHOLDS, evaluation_figures, make_variant_graphs, quality_delta
-from seqserve.v1.manifest_pb2 import Manifest, ModelKind, ModelSizes, SpecialTokens
-from server.bundle import (
+from seqserve.bundle import (
     MANIFEST_FILE,
-    load_bundle,
+    bundle_path,
     scan_repository,
     sha256_file,
     validate_name,
     validate_version,
     write_manifest,
 )
+from seqserve.v1.manifest_pb2 import Manifest, ModelKind, ModelSizes, SpecialTokens
+from server.bundle.loader import load_bundle  # the one arrow into the server: its loader judges a new bundle
 from training.tokenizer import special_ids
 
 SCHEMA_VERSION = 1
@@ -90,7 +91,7 @@ def export_run(run: str | Path, repository: str | Path, name: str, version: int 
     validate_name(name)
     repository = Path(repository)
     version = validate_version(version) if version is not None else next_version(repository, name)
-    target = repository / name / str(version)
+    target = bundle_path(repository, name, version)
     if target.exists():
         raise ExportError(f"{target} already exists; versions are never overwritten (pick another --version)")
     checkpoint = find_checkpoint(run)

@@ -56,7 +56,7 @@ def export_parser() -> argparse.ArgumentParser:
 
 def export_main(argv: list[str]) -> int:
     args = export_parser().parse_args(argv)
-    from server.bundle import validate_name
+    from seqserve.bundle import validate_name
 
     try:
         # Checked before anything heavy is loaded, so a typo costs nothing.
@@ -70,8 +70,8 @@ def export_main(argv: list[str]) -> int:
 
     from exporters.bundle import ExportOptions, export_run
     from exporters.parity import ParitySettings, Thresholds
-    from server.bundle import BundleError
-    from server.bundle.manifest import manifest_to_json
+    from seqserve.bundle import BundleError
+    from seqserve.bundle.manifest import manifest_to_json
 
     options = ExportOptions(
         variants=variants, eval_limit=args.eval_limit,
@@ -101,8 +101,8 @@ def inspect_main(argv: list[str]) -> int:
     parser.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
     args = parser.parse_args(argv)
 
-    from server.bundle import BundleError, verify_bundle
-    from server.bundle.manifest import MANIFEST_FILE, manifest_to_json
+    from seqserve.bundle import BundleError, verify_bundle
+    from seqserve.bundle.manifest import MANIFEST_FILE, manifest_to_json
 
     bundle = Path(args.bundle)
     try:
@@ -126,7 +126,7 @@ def inspect_main(argv: list[str]) -> int:
 def _expected_identity(bundle: Path) -> dict:
     """Inside a repository (NAME/VERSION) the manifest must agree with the directories, as the server
     checks."""
-    from server.bundle import validate_name, validate_version
+    from seqserve.bundle import validate_name, validate_version
 
     try:
         return {"expected_version": validate_version(bundle.resolve().name),

@@ -25,8 +25,8 @@ from onnx import TensorProto, helper
 from torch import nn
 
 from exporters import ExportError
+from seqserve.bundle.manifest import LAST_LOG_PROBS  # the prefill graph's output after its state outputs
 from seqserve.v1.manifest_pb2 import Graph, TensorSpec
-from server.bundle.manifest import LAST_LOG_PROBS  # the prefill graph's output after its state outputs
 from training.models.rnn import num_state_tensors
 
 OPSET = 17

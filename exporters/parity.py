@@ -17,6 +17,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from seqserve.bundle.spec import GraphSpec
 from seqserve.v1.manifest_pb2 import Graph, ParityReport
 from training.batching import BOS, EOS, lm_stream, make_pair_batch
 from training.models.decoding import beam_search, greedy_decode
@@ -107,8 +108,8 @@ class OrtLanguageModel:
     def __init__(self, step: GraphRunner, prefill_graph: GraphRunner | None = None):
         self.step = step
         self.prefill_graph = prefill_graph
-        state_specs = {t.name: t for t in step.spec.inputs}
-        self.state_shapes = [tuple(int(d) for d in state_specs[n].shape[1:]) for n in step.spec.state_inputs]
+        io = GraphSpec.from_pb(step.spec)  # the state shapes as the server reads them (ModelSpec)
+        self.state_shapes = [io.input(name).fixed_shape for name in io.state_inputs]
 
     def eval(self):
         return self

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from seqserve.v1.manifest_pb2 import Manifest
+from seqserve.bundle.spec import ModelSpec
 from server.bundle import CPU_PROVIDER, DEFAULT_VARIANT, load_bundle, scan_repository
 from server.bundle.sessions import ProviderSpec
 from server.engine import EngineConfig, ModelEngine
@@ -36,7 +36,7 @@ class ModelStatus:
     versions: tuple[int, ...]  # on disk, ascending
     serving_version: int | None  # what a request without a version gets (None: not loaded)
     loaded_versions: tuple[int, ...]
-    manifest: Manifest | None  # the serving version's
+    spec: ModelSpec | None  # the serving version's
 
 
 class ModelRegistry:
@@ -119,8 +119,8 @@ class ModelRegistry:
         for name, versions in sorted(self._versions.items()):
             serving = self._serving.get(name)
             loaded = tuple(sorted(v for (n, v) in self._engines if n == name))
-            manifest = self._engines[name, serving].bundle.manifest if serving is not None else None
-            statuses.append(ModelStatus(name, tuple(sorted(versions)), serving, loaded, manifest))
+            spec = self._engines[name, serving].spec if serving is not None else None
+            statuses.append(ModelStatus(name, tuple(sorted(versions)), serving, loaded, spec))
         return statuses
 
     def engines(self) -> list[ModelEngine]:

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from google.rpc import status_pb2
 
 from seqserve.v1 import service_pb2 as pb
-from server.api.errors import status_of
+from server.api.status import status_of
 from server.errors import SeqserveError
 
 logger = logging.getLogger(__name__)

@@ -63,9 +63,6 @@ def params_from_pb(options: pb.DecodingOptions, limits: RequestLimits, *, single
                               allowed="one of " + ", ".join(pb.DecodingOptions.Strategy.keys()))
     strategy = _STRATEGIES[options.strategy]
     temperature = _float32(options.temperature) if options.HasField("temperature") else 1.0
-    if temperature < 0 or math.isnan(temperature):
-        raise InvalidArgument(field=f"{where}.temperature", value=temperature,
-                              allowed="a finite number >= 0 (0 = greedy)")
     n_best = options.n_best or 1
     if n_best > 1 and single_result:
         raise InvalidArgument(field=f"{where}.n_best", value=n_best,

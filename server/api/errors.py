@@ -1,11 +1,11 @@
-"""The edge of every Seqserve call: domain errors -> gRPC status with rich details, and per-call bookkeeping.
+"""The edge of every Seqserve call: the interceptor and its per-call bookkeeping.
 
 `StatusInterceptor` wraps every `seqserve.v1.Seqserve` method so the servicer only raises domain errors
-(`server.errors`): it maps them to status codes per DESIGN.md §4 with `google.rpc` details (BadRequest
-field violations and ErrorInfo naming field, value and allowed range), turns anything unexpected into
-INTERNAL with one log line (the server never crashes on a request), refuses undecodable requests (bad
-UTF-8 in a string field) with INVALID_ARGUMENT naming the field, checks the optional bearer token, gives
-each call a request id, and counts the call once with its final code.
+(`server.errors`): it answers them with their status (`server.api.status.status_of`), turns anything
+unexpected into INTERNAL with one log line (the server never crashes on a request), refuses undecodable
+requests (bad UTF-8 in a string field, found by `server.api.wire`) with INVALID_ARGUMENT naming the
+field, checks the optional bearer token, gives each call a request id, and counts the call once with its
+final code.
 """
 
 from __future__ import annotations
@@ -17,31 +17,19 @@ import re
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from google.protobuf import any_pb2, duration_pb2
-from google.protobuf.descriptor import Descriptor, FieldDescriptor
-from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
 from server.api.auth import BearerTokens
-from server.errors import (
-    DEADLINE_SLACK_SECONDS,
-    InvalidArgument,
-    ResourceExhausted,
-    SeqserveError,
-    Unauthenticated,
-    Unavailable,
-    shown,
-)
+from server.api.status import abort
+from server.api.wire import Undecodable, checked_stream, safe_deserializer
+from server.errors import DEADLINE_SLACK_SECONDS, SeqserveError, Unauthenticated
 
 logger = logging.getLogger(__name__)
 
 SERVICE = "seqserve.v1.Seqserve"
 INFERENCE_SERVICE = "inference.GRPCInferenceService"  # the Open Inference Protocol, served alike
-ERROR_DOMAIN = "seqserve.v1"
 REQUEST_ID_HEADER = "x-request-id"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/-]{1,128}")
 # The request id of the call being served, for log lines (app.py's log filter reads it).
@@ -49,81 +37,6 @@ request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id
 
 # Observer of finished calls: (rpc, model, code name, seconds).
 CallObserver = Callable[[str, str, str, float], None]
-
-
-def status_of(error: BaseException) -> grpc.Status:
-    """The gRPC status (code, message, `grpc-status-details-bin` trailer) a domain error is answered with."""
-    if isinstance(error, SeqserveError):
-        code_name, message = error.code, error.message
-    else:
-        code_name, message = "INTERNAL", f"internal error ({type(error).__name__}); see the server log"
-    details = [error_details_pb2.ErrorInfo(reason=_reason(error), domain=ERROR_DOMAIN,
-                                           metadata=_error_metadata(error))]
-    if isinstance(error, InvalidArgument):
-        details.append(error_details_pb2.BadRequest(field_violations=[error_details_pb2.BadRequest.FieldViolation(
-            field=error.field or "", description=message, reason=_reason(error))]))
-    if isinstance(error, (Unavailable, ResourceExhausted)):
-        # Both pass: the queue drains, the model finishes loading, another replica takes over.
-        details.append(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=1)))
-    status = status_pb2.Status(code=getattr(code_pb2, code_name), message=message,
-                               details=[_pack(detail) for detail in details])
-    return rpc_status.to_status(status)
-
-
-async def abort(context: grpc.aio.ServicerContext, error: BaseException) -> None:
-    """End the call with the status of `error` (raises, as `context.abort` does)."""
-    status = status_of(error)
-    await context.abort(status.code, status.details, status.trailing_metadata)
-
-
-@dataclass(frozen=True)
-class Undecodable:
-    """What the safe deserializer hands on in place of a request that failed to parse."""
-
-    error: InvalidArgument
-
-
-def decode_error(descriptor: Descriptor | None, data: bytes, error: Exception) -> InvalidArgument:
-    """An InvalidArgument for bytes that do not parse as `descriptor`: names the bad UTF-8 field if any."""
-    if descriptor is not None:
-        found = find_invalid_utf8(descriptor, data)
-        if found is not None:
-            path, raw = found
-            return InvalidArgument(f"{path} must be valid UTF-8, got the bytes {raw[:32]!r}",
-                                   field=path, value=raw[:32], allowed="valid UTF-8")
-    name = descriptor.full_name if descriptor is not None else "request"
-    return InvalidArgument(f"the request is not a valid {name}: {error}")
-
-
-def find_invalid_utf8(descriptor: Descriptor, data: bytes, prefix: str = "") -> tuple[str, bytes] | None:
-    """(field path, raw bytes) of the first string field of `data` that is not UTF-8, else None.
-
-    gRPC only says the message did not parse; walking the wire format once more (on the error path
-    only) lets the message name the field, e.g. "sources[1]".
-    """
-    counts: dict[int, int] = {}
-    position = 0
-    try:
-        while position < len(data):
-            key, position = _varint(data, position)
-            number, wire_type = key >> 3, key & 7
-            if wire_type == 0:
-                _, position = _varint(data, position)
-            elif wire_type == 1:
-                position += 8
-            elif wire_type == 5:
-                position += 4
-            elif wire_type == 2:
-                length, position = _varint(data, position)
-                chunk, position = data[position:position + length], position + length
-                found = _check_field(descriptor.fields_by_number.get(number), chunk, counts, number, prefix)
-                if found is not None:
-                    return found
-            else:
-                return None  # groups are not used by proto3; anything else is noise
-    except IndexError:
-        return None
-    return None
 
 
 class StatusInterceptor(grpc.aio.ServerInterceptor):
@@ -145,7 +58,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or method.split("/")[1:2] not in ([SERVICE], [INFERENCE_SERVICE]):
             return handler
         rpc = method.rsplit("/", 1)[1]
-        deserializer = _safe_deserializer(handler.request_deserializer)
+        deserializer = safe_deserializer(handler.request_deserializer)
         serializer = handler.response_serializer
         arrival = _Arrival(self, rpc)
         if handler.unary_unary:
@@ -232,7 +145,7 @@ class _Call:
 
     def __init__(self, owner: StatusInterceptor, rpc: str, request, context, streaming_request: bool):
         self.owner, self.rpc, self.context = owner, rpc, context
-        self.request = _checked_stream(request) if streaming_request else request
+        self.request = checked_stream(request) if streaming_request else request
         self.model = "" if streaming_request else getattr(request, "model", "") or getattr(request, "model_name", "")
         self.started = time.perf_counter()
         self.entered = False
@@ -308,75 +221,6 @@ def _clean_id(value) -> str:
     if isinstance(value, str) and _REQUEST_ID.fullmatch(value):
         return value
     return ""
-
-
-def _safe_deserializer(deserializer):
-    if deserializer is None:
-        return None
-    message_class = getattr(deserializer, "__self__", None)
-    descriptor = getattr(message_class, "DESCRIPTOR", None)
-
-    def deserialize(data: bytes):
-        try:
-            return deserializer(data)
-        except Exception as error:  # DecodeError; the walk below says which field
-            return Undecodable(decode_error(descriptor, data, error))
-
-    return deserialize
-
-
-async def _checked_stream(requests):
-    async for request in requests:
-        if isinstance(request, Undecodable):
-            raise request.error
-        yield request
-
-
-def _check_field(field: FieldDescriptor | None, chunk: bytes, counts: dict[int, int], number: int,
-                 prefix: str) -> tuple[str, bytes] | None:
-    if field is None or field.type not in (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_MESSAGE):
-        return None
-    path = prefix + field.name
-    if field.is_repeated:
-        path += f"[{counts.get(number, 0)}]"
-        counts[number] = counts.get(number, 0) + 1
-    if field.type == FieldDescriptor.TYPE_MESSAGE:
-        return find_invalid_utf8(field.message_type, chunk, path + ".")
-    try:
-        chunk.decode("utf-8")
-    except UnicodeDecodeError:
-        return path, chunk
-    return None
-
-
-def _varint(data: bytes, position: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[position]
-        position += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, position
-        shift += 7
-
-
-def _reason(error: BaseException) -> str:
-    code = error.code if isinstance(error, SeqserveError) else "INTERNAL"
-    if isinstance(error, InvalidArgument) and error.field is not None:
-        return "INVALID_FIELD"
-    return code
-
-
-def _error_metadata(error: BaseException) -> dict[str, str]:
-    if not isinstance(error, InvalidArgument) or error.field is None:
-        return {}
-    return {"field": error.field, "value": shown(error.value), "allowed": error.allowed or ""}
-
-
-def _pack(message) -> any_pb2.Any:
-    packed = any_pb2.Any()
-    packed.Pack(message)
-    return packed
 
 
 def _code_name(code: grpc.StatusCode | None) -> str:

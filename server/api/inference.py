@@ -26,8 +26,9 @@ import seqserve.inference as oip
 from seqserve.v1.manifest_pb2 import ModelKind
 from server.api import inference_convert as tensors
 from server.api.convert import RequestLimits
-from server.api.errors import request_id_var, status_of
+from server.api.errors import request_id_var
 from server.api.servicer import ServedModel
+from server.api.status import status_of
 from server.decoding import FinishReason
 from server.engine.requests import FinishEvent, GenerationRequest, TokenEvent, TranslationRequest
 from server.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, SeqserveError
@@ -138,9 +139,9 @@ class InferenceServicer:
             config.output.add(name=tensors.TEXT, data_type=string, dims=[-1])
             config.output.add(name=tensors.SCORE, data_type=fp32, dims=[-1])
             config.dynamic_batching.SetInParent()
-        manifest = model.bundle.manifest
-        config.parameters["kind"].string_value = "lm" if model.kind == ModelKind.MODEL_KIND_LM else "seq2seq"
-        config.parameters["cell"].string_value = str(manifest.cell)
+        spec = model.bundle.spec
+        config.parameters["kind"].string_value = spec.kind.value
+        config.parameters["cell"].string_value = spec.cell
         config.parameters["version"].string_value = str(model.version)
         return oip.ModelConfigResponse(config=config)
 

@@ -13,8 +13,8 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 
+from seqserve.bundle import MANIFEST_FILE, BundleError, bundle_path, read_manifest
 from seqserve.v1 import service_pb2 as pb
 from seqserve.v1 import service_pb2_grpc as pb_grpc
 from seqserve.v1.manifest_pb2 import ModelKind
@@ -22,7 +22,6 @@ from server.api import convert
 from server.api.converse import converse
 from server.api.convert import RequestLimits
 from server.api.errors import request_id_var
-from server.bundle import MANIFEST_FILE, BundleError, read_manifest
 from server.bundle.sessions import provider_name
 from server.engine.requests import FinishEvent, GenerationRequest, TokenEvent, TranslationRequest
 from server.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, SeqserveError, Unavailable
@@ -124,7 +123,7 @@ class SeqserveServicer(pb_grpc.SeqserveServicer):
         models = []
         for status in self._registry.models():
             latest = status.serving_version if status.serving_version is not None else max(status.versions)
-            kind = status.manifest.kind if status.manifest is not None else None
+            kind = status.spec.kind.to_pb() if status.spec is not None else None
             models.append(convert.model_summary_to_pb(status.name, status.versions, latest, kind,
                                                       ready=status.serving_version is not None))
         return pb.ListModelsResponse(models=models)
@@ -146,7 +145,7 @@ class SeqserveServicer(pb_grpc.SeqserveServicer):
         if version not in status.versions:
             raise NotFound(f"model {name!r} has no version {version}; it has {', '.join(map(str, status.versions))}")
         try:
-            manifest = read_manifest(Path(self._registry.repository) / name / str(version) / MANIFEST_FILE)
+            manifest = read_manifest(bundle_path(self._registry.repository, name, version) / MANIFEST_FILE)
         except BundleError as error:
             raise Unavailable(f"model {name} version {version} cannot be described: {error}") from error
         return convert.model_info_to_pb(name, version, manifest,
@@ -295,11 +294,11 @@ class ServedModel:
     def __init__(self, engine, limits: RequestLimits):
         self.engine = engine
         self.bundle = engine.bundle
-        self.name, self.version, self.kind = self.bundle.name, self.bundle.version, self.bundle.kind
+        spec = self.bundle.spec
+        self.name, self.version, self.kind = spec.name, spec.version, spec.kind.to_pb()  # the wire's enum
         self._limits = limits
-        special = self.bundle.manifest.special_tokens
-        self._bos = special.bos_id
-        self._output = self.bundle.tokenizer("text" if self.kind == ModelKind.MODEL_KIND_LM else "target")
+        self._bos = spec.special.bos
+        self._output = self.bundle.tokenizer(spec.output_tokenizer_role)
 
     def check_source_chars(self, text: str, field: str) -> None:
         check_input_chars(self.bundle.tokenizer("source"), text, field, self._limits.max_input_tokens)

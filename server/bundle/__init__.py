@@ -1,28 +1,29 @@
-"""Model bundles: the manifest schema, checksum verification, ONNX Runtime loading, repository scans.
+"""Opening bundles for serving: ONNX Runtime sessions and tokenizers (`LoadedBundle`).
 
-The bundle is the only contract between the exporters and the server, so this package imports
-neither torch nor the training code.
+The bundle contract itself (manifest schema, repository layout, checksums) is `seqserve.bundle`; the names
+re-exported here from it keep older imports working, and new code imports them from `seqserve.bundle`.
+`server.bundle.loader.load_bundle` is the exporters' one entry into the server: the runtime loader judges
+a freshly written bundle before it is published.
 """
 
-from server.bundle.errors import BundleError, ManifestError, ModelNotFoundError
-from server.bundle.loader import (
-    DEFAULT_VARIANT,
-    LoadedBundle,
-    LoadedGraph,
-    load_bundle,
-    sha256_file,
-    verify_bundle,
-)
-from server.bundle.manifest import (
+from seqserve.bundle import (
     MANIFEST_FILE,
+    BundleError,
+    ManifestError,
+    ModelNotFoundError,
+    latest_version,
     parse_manifest,
     read_manifest,
+    resolve_version,
+    scan_repository,
+    sha256_file,
     validate_manifest,
     validate_name,
     validate_version,
+    verify_bundle,
     write_manifest,
 )
-from server.bundle.repository import latest_version, resolve_version, scan_repository
+from server.bundle.loader import DEFAULT_VARIANT, LoadedBundle, LoadedGraph, load_bundle
 from server.bundle.sessions import CPU_PROVIDER, check_graph_io, make_session_options, resolve_providers
 
 __all__ = [

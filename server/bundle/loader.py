@@ -1,13 +1,12 @@
-"""Verifying a bundle on disk and opening it: checksums, ONNX Runtime sessions, tokenizers.
+"""Opening a verified bundle for serving: ONNX Runtime sessions and tokenizers.
 
-`verify_bundle` needs nothing but the files (exporters and `seqserve inspect` use it); `load_bundle`
-also opens one ONNX Runtime session per graph and checks each graph's real inputs and outputs against
-the manifest, so a bundle that loads is one the server can feed.
+`seqserve.bundle.verify_bundle` needs nothing but the files (exporters and `seqserve inspect` use it);
+`load_bundle` verifies the same way, then opens one ONNX Runtime session per graph and checks each
+graph's real inputs and outputs against the manifest, so a bundle that loads is one the server can feed.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -19,9 +18,11 @@ from typing import Any
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-from seqserve.v1.manifest_pb2 import Graph, Manifest, ModelKind, ParityReport
-from server.bundle.errors import BundleError
-from server.bundle.manifest import MANIFEST_FILE, graphs_of_variant, read_manifest
+from seqserve.bundle.checksums import verify_bundle
+from seqserve.bundle.errors import BundleError
+from seqserve.bundle.manifest import graphs_of_variant
+from seqserve.bundle.spec import GraphSpec, ModelSpec
+from seqserve.v1.manifest_pb2 import Graph, Manifest, ParityReport
 from server.bundle.sessions import (
     CPU_PROVIDER,
     ProviderSpec,
@@ -36,36 +37,36 @@ logger = logging.getLogger(__name__)
 DEFAULT_VARIANT = "fp32"
 # The special tokens every seqserve tokenizer carries (docs/architecture.md), by manifest field.
 _SPECIAL_TOKENS = {"pad_id": "<pad>", "bos_id": "<bos>", "eos_id": "<eos>", "unk_id": "<unk>"}
-_CHUNK_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
 class LoadedGraph:
-    """One graph of a loaded bundle: its manifest entry and its open ONNX Runtime session."""
+    """One graph of a loaded bundle: its manifest entry, its typed view, and its open ONNX Runtime session."""
 
-    spec: Graph
+    spec: Graph  # the manifest's entry (the exporters' parity check and the API read it)
+    io: GraphSpec  # the same, typed (the engine reads this)
     session: ort.InferenceSession
     providers: tuple[str, ...]  # what ONNX Runtime gave this session, in priority order
 
     @property
     def role(self) -> str:
-        return self.spec.role
+        return self.io.role
 
     @property
     def input_names(self) -> tuple[str, ...]:
-        return tuple(tensor.name for tensor in self.spec.inputs)
+        return self.io.input_names
 
     @property
     def output_names(self) -> tuple[str, ...]:
-        return tuple(tensor.name for tensor in self.spec.outputs)
+        return self.io.output_names
 
     @property
     def state_inputs(self) -> tuple[str, ...]:
-        return tuple(self.spec.state_inputs)
+        return self.io.state_inputs
 
     @property
     def state_outputs(self) -> tuple[str, ...]:
-        return tuple(self.spec.state_outputs)
+        return self.io.state_outputs
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,8 @@ class LoadedBundle:
     """A bundle ready to serve: verified manifest, one session per graph, tokenizers by role."""
 
     path: Path
-    manifest: Manifest
+    manifest: Manifest  # for the API edge (ModelInfo) and the exporters; the server below it reads `spec`
+    spec: ModelSpec  # the manifest's served variant, typed: what the engine, sessions and registry read
     variant: str
     graphs: Mapping[str, LoadedGraph]  # by role: "step" (and optional "prefill"), or "encoder" and "decoder_step"
     tokenizers: Mapping[str, Tokenizer]  # by role: "text", or "source" and "target"
@@ -88,10 +90,6 @@ class LoadedBundle:
     @property
     def version(self) -> int:
         return self.manifest.version
-
-    @property
-    def kind(self) -> ModelKind.ValueType:
-        return self.manifest.kind
 
     def graph(self, role: str) -> LoadedGraph:
         """The graph of `role`; BundleError if this kind has none."""
@@ -111,53 +109,6 @@ class LoadedBundle:
                 f"bundle {self.name} v{self.version} has no {role!r} tokenizer; "
                 f"it has {', '.join(self.tokenizers)}"
             ) from None
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex SHA-256 of a file, read in chunks so large graphs never sit in memory twice."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def verify_bundle(
-    bundle_dir: str | os.PathLike[str],
-    *,
-    expected_name: str | None = None,
-    expected_version: int | None = None,
-) -> Manifest:
-    """Validate a bundle's manifest and the checksum of every file; return the manifest.
-
-    `expected_name` and `expected_version`, when given (a repository's directory names), must match
-    the manifest's, so a bundle copied under another name or version is refused.
-    """
-    bundle_dir = Path(bundle_dir)
-    if not bundle_dir.is_dir():
-        raise BundleError(f"bundle directory {bundle_dir} does not exist")
-    manifest = read_manifest(bundle_dir / MANIFEST_FILE)
-    if expected_name is not None and manifest.name != expected_name:
-        raise BundleError(
-            f"bundle {bundle_dir}: the manifest names the model {manifest.name!r}, "
-            f"its directory {expected_name!r}"
-        )
-    if expected_version is not None and manifest.version != expected_version:
-        raise BundleError(
-            f"bundle {bundle_dir}: manifest says version {manifest.version}, its directory {expected_version}"
-        )
-    problems = []
-    for file_name, expected in sorted(manifest.sha256.items()):
-        path = bundle_dir / file_name
-        if not path.is_file():
-            problems.append(f"missing file {file_name}")
-            continue
-        actual = sha256_file(path)
-        if actual != expected:
-            problems.append(f"checksum mismatch for {file_name}: expected {expected}, got {actual}")
-    if problems:
-        raise BundleError(f"bundle {bundle_dir}: " + "; ".join(problems))
-    return manifest
 
 
 def load_bundle(
@@ -184,6 +135,7 @@ def load_bundle(
         present = sorted({graph.variant for graph in manifest.graphs})
         raise BundleError(f"bundle {bundle_dir} has no {variant!r} graphs; it has {', '.join(present)}")
     _check_parity(bundle_dir, manifest, variant, allow_failed_parity)
+    model_spec = ModelSpec.from_manifest(manifest, variant)
 
     if isinstance(providers, str):
         providers = [providers]  # one name, not a sequence of one-letter names
@@ -191,7 +143,8 @@ def load_bundle(
     resolved = resolve_providers(providers)
     options = make_session_options(session_options)
     graphs = {
-        role: _open_graph(bundle_dir, spec, options, resolved) for role, spec in sorted(graph_specs.items())
+        role: _open_graph(bundle_dir, spec, model_spec.graphs[role], options, resolved)
+        for role, spec in sorted(graph_specs.items())
     }
     tokenizers = {
         role: _open_tokenizer(bundle_dir, manifest, role, file_name)
@@ -202,6 +155,7 @@ def load_bundle(
     bundle = LoadedBundle(
         path=bundle_dir,
         manifest=manifest,
+        spec=model_spec,
         variant=variant,
         graphs=graphs,
         tokenizers=tokenizers,
@@ -226,7 +180,7 @@ def load_bundle(
 
 
 def _open_graph(
-    bundle_dir: Path, spec: Graph, options: ort.SessionOptions, providers: list[ProviderSpec]
+    bundle_dir: Path, spec: Graph, io: GraphSpec, options: ort.SessionOptions, providers: list[ProviderSpec]
 ) -> LoadedGraph:
     path = bundle_dir / spec.file
     try:
@@ -236,7 +190,7 @@ def _open_graph(
     problems = check_graph_io(spec, session)
     if problems:
         raise BundleError(f"bundle {bundle_dir}: graph I/O mismatch: " + "; ".join(problems))
-    return LoadedGraph(spec=spec, session=session, providers=tuple(session.get_providers()))
+    return LoadedGraph(spec=spec, io=io, session=session, providers=tuple(session.get_providers()))
 
 
 def _open_tokenizer(bundle_dir: Path, manifest: Manifest, role: str, file_name: str) -> Tokenizer:

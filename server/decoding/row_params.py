@@ -6,7 +6,6 @@ read these columns with masks instead of looping over rows.
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -34,10 +33,8 @@ class RowParams:
 
     @classmethod
     def from_params(cls, params: DecodingParams, n_rows: int = 1) -> RowParams:
-        """Columns for `n_rows` rows of one (validated) request; a missing sampling seed is drawn here."""
-        seed = params.seed
-        if seed is None:
-            seed = secrets.randbits(64) if params.strategy == "sample" else 0
+        """Columns for `n_rows` rows of one (validated) request; a missing sampling seed is drawn (`with_seed`)."""
+        seed = (params.with_seed().seed if params.strategy == "sample" else params.seed) or 0
         values = {
             "strategy": STRATEGY_CODES[params.strategy],
             "max_new_tokens": params.max_new_tokens,

@@ -68,13 +68,13 @@ class EngineCore:
     """The batch, the decoding state of its rows, and the step that advances them."""
 
     def __init__(self, bundle: LoadedBundle, runner: Runner):
-        manifest = bundle.manifest
+        spec = bundle.spec
         self.runner = runner
-        self.is_lm = runner.is_lm
-        self.eos_id = manifest.special_tokens.eos_id
-        self.bos_id = manifest.special_tokens.bos_id
-        self.vocab_size = manifest.sizes.vocab_size
-        self.tokenizer = bundle.tokenizer("text" if self.is_lm else "target")
+        self.is_lm = spec.is_lm
+        self.eos_id = spec.special.eos
+        self.bos_id = spec.special.bos
+        self.vocab_size = spec.vocab_size
+        self.tokenizer = bundle.tokenizer(spec.output_tokenizer_role)
         self.table = TokenTable.build(self.tokenizer, self.vocab_size)  # None: decode windows instead
         self.chooser = TokenChooser(self.eos_id)
         self._decoder: ThreadPoolExecutor | None = None  # runs the batch's decode call during an admission
@@ -174,7 +174,7 @@ class EngineCore:
         parked = {}
         for slot in slots:
             tracked = self.tracked[slot]
-            if tracked.params.strategy == "beam" or not getattr(tracked.entry.request, "return_final_state", False):
+            if tracked.params.strategy == "beam" or not tracked.wants_final_state:
                 continue
             (row,) = np.flatnonzero(self.batch.owners == slot)
             parked[slot] = (tuple(s[row : row + 1].copy() for s in self.batch.state), int(self.batch.tokens[row]))
@@ -403,7 +403,7 @@ class EngineCore:
         """Row `row` of `choosers` (batch row `rows[row]`) ended on `token`: its finish event."""
         tracked = self._settle(choosers, row, drop_last=token == self.eos_id)
         final_state = None
-        if getattr(tracked.entry.request, "return_final_state", False):
+        if tracked.wants_final_state:
             final_state = tuple(s[rows[row] : rows[row] + 1].copy() for s in state)
         result.events.append((tracked.entry, tracked.finish_event(reason, final_state, token)))
         result.finished.append((tracked.entry, reason.value))

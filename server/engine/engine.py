@@ -22,7 +22,6 @@ from typing import NamedTuple
 
 import numpy as np
 
-from seqserve.v1.manifest_pb2 import ModelKind
 from server.bundle import LoadedBundle
 from server.decoding import FinishReason
 from server.engine.config import EngineConfig
@@ -57,7 +56,8 @@ class ModelEngine:
         self.config = config = config if config is not None else EngineConfig()
         self.name = bundle.name
         self.version = bundle.version
-        self.kind = "lm" if bundle.kind == ModelKind.MODEL_KIND_LM else "seq2seq"
+        self.spec = bundle.spec
+        self.kind = bundle.spec.kind  # a ModelKind, equal to "lm" or "seq2seq"
         self.runner = Runner(bundle, config.io_binding)
         self._core = EngineCore(bundle, self.runner)
         self._scheduler = Scheduler(config)
@@ -79,10 +79,10 @@ class ModelEngine:
         self._accepting = True
         self._thread = threading.Thread(target=self._work, name=f"engine-{self.name}-v{self.version}", daemon=True)
         self._thread.start()
-        self._metrics.set_info(self.version, self.bundle.manifest.cell, self._provider)
+        self._metrics.set_info(self.version, self.spec.cell, self._provider)
         self._metrics.model_load_duration_seconds.observe(self.bundle.load_seconds)
         logger.info("serving %s v%d (%s, %s): providers asked %s, obtained %s", self.name, self.version,
-                    self.kind, self.bundle.manifest.cell, list(self.bundle.requested_providers),
+                    self.kind, self.spec.cell, list(self.bundle.requested_providers),
                     list(self.bundle.providers))
 
     async def stop(self, grace_seconds: float = 30.0) -> None:
@@ -104,7 +104,7 @@ class ModelEngine:
             self._end(entry, Unavailable(f"model {self.name} v{self.version} was unloaded before the request "
                                          "finished; retry"), "cancelled")
         self._core.close()
-        self._metrics.clear_info(self.version, self.bundle.manifest.cell, self._provider)
+        self._metrics.clear_info(self.version, self.spec.cell, self._provider)
         logger.info("stopped %s v%d", self.name, self.version)
 
     @property
@@ -138,13 +138,17 @@ class ModelEngine:
                             enqueued_at=time.monotonic(), stream=stream))
         return stream
 
+    def zero_state(self, rows: int = 1) -> State:
+        """The recurrent state before any token, `rows` rows (batch first): where a session starts."""
+        return self.runner.zero_state(rows)
+
     async def feed(self, state: State | None, token_ids: list[int], want_log_probs: bool = False, *,
                    next_token_id: int | None = None, deadline: float | None = None
                    ) -> tuple[State, np.ndarray | None]:
         """Advance a session's state by `token_ids` through the batched prefill (see `FeedRequest`)."""
         self._check_accepting()
         request = FeedRequest(state, list(token_ids), want_log_probs, next_token_id, deadline)
-        validate_feed(request, self.bundle, self.config, self.runner.state_shapes)
+        validate_feed(request, self.bundle, self.config)
         slot = self._scheduler.new_slot()
         future = asyncio.get_running_loop().create_future()
         self._enqueue(Entry(slot=slot, request=request, params=None, rows=0, input_tokens=len(token_ids),

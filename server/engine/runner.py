@@ -11,9 +11,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from seqserve.v1.manifest_pb2 import ModelKind
+from seqserve.bundle.manifest import LAST_LOG_PROBS
 from server.bundle import LoadedBundle, LoadedGraph
-from server.bundle.manifest import LAST_LOG_PROBS
 from server.engine.batch import DecodeBatch, State
 from server.engine.binding import BoundStep, device_of
 
@@ -26,7 +25,8 @@ class Runner:
     def __init__(self, bundle: LoadedBundle, io_binding: str = "auto"):
         """`io_binding` ("auto": where the session runs on a CUDA device, "on", "off"): the LM's decode
         step keeps the state in ONNX Runtime buffers between steps (`server.engine.binding`)."""
-        self.is_lm = bundle.kind == ModelKind.MODEL_KIND_LM
+        spec = bundle.spec
+        self.is_lm = spec.is_lm
         self._prefill: LoadedGraph | None = None
         if self.is_lm:
             self._step = bundle.graph("step")
@@ -39,10 +39,10 @@ class Runner:
             self._encoder = bundle.graph("encoder")
             self._decoder = bundle.graph("decoder_step")
             state_graph = self._decoder
-        # Names read once: the manifest-backed properties build new tuples on every access.
-        self.state_names = state_graph.state_inputs
-        self.state_shapes = [_fixed_shape(state_graph, name) for name in self.state_names]
-        self.memory_size = None if self.is_lm else _fixed_shape(self._decoder, "memory")[-1]
+        # Names read once, as attributes: the hot path reads no properties.
+        self.state_names = spec.state_names
+        self.state_shapes = list(spec.state_shapes)
+        self.memory_size = spec.memory_size
         self._token_input = state_graph.input_names[0]
         self._lengths_input = state_graph.input_names[1] if self.is_lm else None
         self._outputs = state_graph.output_names
@@ -126,8 +126,3 @@ class Runner:
         by_name = dict(zip(self._outputs, self._session.run(None, feeds), strict=True))
         return by_name["log_probs"], tuple(by_name[name] for name in self._state_outputs)
 
-
-def _fixed_shape(graph: LoadedGraph, name: str) -> tuple[int, ...]:
-    """The non-batch axes of input `name` as the manifest declares them (sizes fixed at export)."""
-    spec = next(t for t in graph.spec.inputs if t.name == name)
-    return tuple(int(d) if d.isdigit() else -1 for d in spec.shape[1:])

@@ -6,12 +6,13 @@ whole text is decoded once, at the end); the others stream it through a `TextStr
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from server.decoding import FinishReason, Hypothesis
-from server.engine.requests import FinishEvent, State, TokenEvent, TranslationRequest
+from server.engine.requests import FinishEvent, GenerationRequest, State, TokenEvent, TranslationRequest
 from server.engine.scheduler import Entry
 from server.engine.text import TextStream
 from server.engine.token_table import TokenTable, Utf8Tail
@@ -38,6 +39,12 @@ class Tracked:
     @property
     def params(self):
         return self.entry.params
+
+    @functools.cached_property
+    def wants_final_state(self) -> bool:
+        """A generation that asked for its final state (translations never have one)."""
+        request = self.entry.request
+        return isinstance(request, GenerationRequest) and request.return_final_state
 
     @property
     def wants_attention(self) -> bool:

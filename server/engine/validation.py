@@ -10,7 +10,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from seqserve.v1.manifest_pb2 import ModelKind
 from server.bundle import LoadedBundle
 from server.decoding import DecodingParams
 from server.engine.config import EngineConfig
@@ -21,21 +20,21 @@ from server.errors import FailedPrecondition, InvalidArgument
 def validate_request(request: GenerationRequest | TranslationRequest, bundle: LoadedBundle,
                      config: EngineConfig) -> tuple[DecodingParams, int, int]:
     """(validated params with a sampling seed, decode rows, input tokens), or a domain error."""
-    is_lm = bundle.kind == ModelKind.MODEL_KIND_LM
-    sizes = bundle.manifest.sizes
+    spec = bundle.spec
+    is_lm = spec.is_lm
     if isinstance(request, GenerationRequest):
         if not is_lm:
             raise FailedPrecondition(f"model {bundle.name} is a translation model; it cannot continue a prompt")
-        check_ids("prompt_ids", request.prompt_ids, sizes.vocab_size, config.max_input_tokens)
+        check_ids("prompt_ids", request.prompt_ids, spec.vocab_size, config.max_input_tokens)
         if request.history_ids is not None:
-            check_ids("history_ids", request.history_ids, sizes.vocab_size, None)
+            check_ids("history_ids", request.history_ids, spec.vocab_size, None)
         if request.initial_state is not None:
-            check_state("initial_state", request.initial_state, _state_shapes(bundle))
+            check_state("initial_state", request.initial_state, spec.state_shapes)
         input_tokens = len(request.prompt_ids)
     elif isinstance(request, TranslationRequest):
         if is_lm:
             raise FailedPrecondition(f"model {bundle.name} is a language model; it cannot translate")
-        check_ids("source_ids", request.source_ids, sizes.source_vocab_size, config.max_input_tokens)
+        check_ids("source_ids", request.source_ids, spec.source_vocab_size, config.max_input_tokens)
         input_tokens = len(request.source_ids)
     else:
         raise TypeError(f"an engine takes GenerationRequest or TranslationRequest, got {type(request).__name__}")
@@ -51,16 +50,16 @@ def validate_request(request: GenerationRequest | TranslationRequest, bundle: Lo
     return params, rows, input_tokens
 
 
-def validate_feed(request: FeedRequest, bundle: LoadedBundle, config: EngineConfig,
-                  state_shapes: Sequence[tuple[int, ...]]) -> None:
-    if bundle.kind != ModelKind.MODEL_KIND_LM:
+def validate_feed(request: FeedRequest, bundle: LoadedBundle, config: EngineConfig) -> None:
+    spec = bundle.spec
+    if not spec.is_lm:
         raise FailedPrecondition(f"model {bundle.name} is a translation model; sessions need a language model")
-    vocab = bundle.manifest.sizes.vocab_size
+    vocab = spec.vocab_size
     check_ids("token_ids", request.token_ids, vocab, config.max_input_tokens)
     if request.next_token_id is not None:
         check_ids("next_token_id", [request.next_token_id], vocab, None)
     if request.state is not None:
-        check_state("state", request.state, state_shapes)
+        check_state("state", request.state, spec.state_shapes)
 
 
 def check_ids(field: str, ids: Sequence[int], vocab_size: int, max_length: int | None) -> None:
@@ -88,8 +87,3 @@ def check_state(field: str, state, shapes: Sequence[tuple[int, ...]]) -> None:
             got = tensor.shape if isinstance(tensor, np.ndarray) else type(tensor).__name__
             raise InvalidArgument(f"{field}[{i}] must be an array of shape {list(expected)}, got {got}")
 
-
-def _state_shapes(bundle: LoadedBundle) -> list[tuple[int, ...]]:
-    graph = bundle.graph("step")
-    specs = {t.name: t for t in graph.spec.inputs}
-    return [tuple(int(d) for d in specs[name].shape[1:]) for name in graph.state_inputs]

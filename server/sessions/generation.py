@@ -10,16 +10,31 @@ always precedes the answers to the operations queued behind it.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from typing import Protocol, TypeVar
 
 from server.decoding import DecodingParams, FinishReason
 from server.decoding.hypothesis import Hypothesis
 from server.engine import FinishEvent, GenerationRequest, ModelEngine, RequestStream, TokenEvent
 from server.engine.requests import Mailbox
 from server.sessions.ordering import Turn
+from server.sessions.record import SessionRecord
 
-if TYPE_CHECKING:
-    from server.sessions.manager import SessionManager
+T = TypeVar("T")
+
+
+class SessionHost(Protocol):
+    """What a generation needs of the sessions it runs in (`SessionManager` is one): the session's record,
+    a call on its engine, and parking the finished generation. Declared here, so this module never
+    imports the manager (which creates generations) and the two do not import each other."""
+
+    async def record_of(self, session_id: str, cached: bool = False) -> SessionRecord: ...
+
+    async def on_engine(self, record: SessionRecord, call: Callable[[ModelEngine], Awaitable[T] | T]
+                        ) -> tuple[ModelEngine, T]: ...
+
+    async def park(self, record: SessionRecord, engine: ModelEngine, finish: FinishEvent,
+                   retry_id: str = "") -> int: ...
 
 
 class SessionGeneration:
@@ -29,7 +44,7 @@ class SessionGeneration:
     `tokens_consumed` is the session's count after the generation (set before the FinishEvent comes).
     """
 
-    def __init__(self, manager: SessionManager, session_id: str, turn: Turn, params: DecodingParams,
+    def __init__(self, manager: SessionHost, session_id: str, turn: Turn, params: DecodingParams,
                  leave_unchanged: bool, request_id: str, retry_id: str = ""):
         loop = asyncio.get_running_loop()
         self.session_id = session_id
@@ -111,7 +126,7 @@ class SessionGeneration:
             await self._mailbox.wait()
         return True
 
-    async def _run(self, manager: SessionManager, turn: Turn, params: DecodingParams, leave_unchanged: bool):
+    async def _run(self, manager: SessionHost, turn: Turn, params: DecodingParams, leave_unchanged: bool):
         try:
             async with turn:
                 record = await manager.record_of(self.session_id)

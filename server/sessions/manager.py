@@ -220,11 +220,11 @@ class SessionManager:
         ttl = self._ttl(ttl_seconds)
 
         async def start(engine: ModelEngine) -> tuple[State, list[int]]:
-            if engine.kind != "lm":
+            if not engine.spec.is_lm:
                 raise FailedPrecondition(f"sessions need a language model; {engine.name} v{engine.version} is a "
                                          "translation model")
-            history = [engine.bundle.manifest.special_tokens.bos_id, *await self._encode(engine, prefix, "prefix")]
-            state = engine.runner.zero_state(1)
+            history = [engine.spec.special.bos, *await self._encode(engine, prefix, "prefix")]
+            state = engine.zero_state(1)
             if len(history) > 1:
                 state, _ = await _feed_all(engine, state, history[:-1])
             return state, history
@@ -342,7 +342,7 @@ class SessionManager:
         ttl = self._ttl(ttl_seconds) if ttl_seconds else min(record.ttl_seconds, self.limits.max_ttl_seconds)
 
         async def check(engine: ModelEngine) -> None:
-            if engine.kind != "lm":
+            if not engine.spec.is_lm:
                 raise FailedPrecondition(f"the session was made on {record.model} v{record.version}, which is a "
                                          "translation model here")
             checksum = bundle_checksum(engine.bundle)
@@ -350,7 +350,7 @@ class SessionManager:
                 raise FailedPrecondition(
                     f"the session was made on {record.model} v{record.version} with bundle checksum "
                     f"{record.checksum}; this server's {record.model} v{record.version} has checksum {checksum}")
-            zero = engine.runner.zero_state(1)
+            zero = engine.zero_state(1)
             shapes = [list(s.shape) for s in record.state]
             expected = [list(s.shape) for s in zero]
             dtypes = [str(s.dtype) for s in record.state]
@@ -426,7 +426,7 @@ class SessionManager:
         The session takes every token the engine chose before it stopped: those of a matched stop
         string, and a final <eos>, included; a generation cancelled before its first step adds none.
         """
-        eos = engine.bundle.manifest.special_tokens.eos_id
+        eos = engine.spec.special.eos
         chosen = list(finish.generated_ids)
         if finish.last_token_id == eos or (finish.final_state is None and finish.reason is FinishReason.EOS):
             chosen.append(eos)

@@ -23,18 +23,7 @@ _TAG_BYTES = 32
 
 def bundle_checksum(bundle) -> str:
     """A bundle's identity: SHA-256 over its files' checksums (from the manifest), 16 hex digits."""
-    cached = getattr(bundle, "_seqserve_session_checksum", None)
-    if cached is not None:
-        return cached
-    digest = hashlib.sha256()
-    for name, value in sorted(bundle.manifest.sha256.items()):
-        digest.update(f"{name}={value}\n".encode())
-    checksum = digest.hexdigest()[:16]
-    try:
-        bundle._seqserve_session_checksum = checksum
-    except AttributeError:  # a bundle with slots: computed each time (microseconds)
-        pass
-    return checksum
+    return bundle.spec.identity
 
 
 def pack(record: SessionRecord, key: bytes | None) -> bytes:

@@ -85,7 +85,7 @@ def test_hot_swap_new_requests_go_to_the_new_version_in_flight_ones_finish_on_th
         status = registry.models()[0]
         assert (status.name, status.versions, status.serving_version, status.loaded_versions) == \
             ("tiny-lm", (1, 2), 2, (1, 2))
-        assert status.manifest.version == 2
+        assert status.spec.version == 2
 
         with pytest.raises(NotFound, match="unknown model 'nope'"):
             await registry.get("nope")

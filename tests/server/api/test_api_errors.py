@@ -1,4 +1,4 @@
-"""server/api/errors.py: every domain error becomes its status code with rich details; nothing crashes.
+"""server/api/errors.py and status.py: every domain error becomes its status code with rich details; nothing crashes.
 
 A throwaway servicer raises each error through a real grpc.aio server wrapped by StatusInterceptor.
 """
@@ -18,7 +18,8 @@ from seqserve.v1 import service_pb2 as pb
 from seqserve.v1 import service_pb2_grpc as pb_grpc
 from server import errors
 from server.api import errors as errors_module
-from server.api.errors import StatusInterceptor, find_invalid_utf8, status_of
+from server.api.errors import StatusInterceptor
+from server.api.status import status_of
 
 RAISED = {
     "invalid": errors.InvalidArgument(field="options.top_p", value=1.5, allowed="in (0, 1]"),
@@ -179,14 +180,6 @@ def test_bad_utf8_is_invalid_argument_naming_the_field():
     assert nested.details().startswith("options.stop[0] must be valid UTF-8")
     assert "not a valid seqserve.v1.TranslateRequest" in garbage.details()
     assert [call[2] for call in observed] == ["INVALID_ARGUMENT"] * 3
-
-
-def test_find_invalid_utf8_walks_nested_and_repeated_fields():
-    request = pb.TranslateRequest(sources=["a", "b"], options=pb.DecodingOptions(stop=["x", "y"], top_k=3))
-    data = request.SerializeToString()
-    assert find_invalid_utf8(pb.TranslateRequest.DESCRIPTOR, data) is None
-    broken = data.replace(b"\x62\x01y", b"\x62\x01\xff")
-    assert find_invalid_utf8(pb.TranslateRequest.DESCRIPTOR, broken) == ("options.stop[1]", b"\xff")
 
 
 def test_bearer_token_when_auth_is_on():

@@ -1,4 +1,4 @@
-"""Tests of server/bundle/manifest.py: the schema's rules, JSON round trips, model names and versions."""
+"""Tests of seqserve/bundle/manifest.py: the schema's rules, JSON round trips, model names and versions."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from seqserve.v1.manifest_pb2 import Manifest
-from server.bundle import (
+from seqserve.bundle import (
     ManifestError,
     parse_manifest,
     read_manifest,
@@ -17,6 +16,7 @@ from server.bundle import (
     validate_version,
     write_manifest,
 )
+from seqserve.v1.manifest_pb2 import Manifest
 
 DIGEST = "0" * 64
 STATE = ["batch", "2", "8"]

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from google.protobuf import json_format
 
+from seqserve.bundle.errors import BundleError, ManifestError
 from seqserve.v1.manifest_pb2 import Graph, Manifest, ModelKind, TensorSpec
-from server.bundle.errors import BundleError, ManifestError
 
 MANIFEST_FILE = "manifest.json"
 SUPPORTED_SCHEMA_VERSIONS = frozenset({1})

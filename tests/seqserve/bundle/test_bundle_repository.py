@@ -1,4 +1,4 @@
-"""Tests of server/bundle/repository.py: which directories a scan sees and how versions resolve."""
+"""Tests of seqserve/bundle/repository.py: which directories a scan sees and how versions resolve."""
 
 from __future__ import annotations
 
@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from server.bundle import BundleError, ModelNotFoundError, latest_version, resolve_version, scan_repository
+from seqserve.bundle import (
+    BundleError,
+    ModelNotFoundError,
+    bundle_path,
+    latest_version,
+    resolve_version,
+    scan_repository,
+)
 
 
 def _make(root: Path, *relative: str) -> None:
@@ -69,3 +76,11 @@ def test_unknown_models_and_versions_are_named(tmp_path: Path) -> None:
         resolve_version(repository, "x")
     with pytest.raises(ModelNotFoundError, match="model 'm' has no version 3; it has 1"):
         resolve_version(repository, "m", 3)
+
+
+def test_bundle_path_is_name_then_version_and_refuses_paths(tmp_path: Path) -> None:
+    assert bundle_path(tmp_path, "lm", 3) == tmp_path / "lm" / "3"
+    with pytest.raises(ValueError, match="never a path"):
+        bundle_path(tmp_path, "../etc", 1)
+    with pytest.raises(ValueError, match="out of range"):
+        bundle_path(tmp_path, "lm", 0)

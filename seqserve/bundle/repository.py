@@ -1,4 +1,4 @@
-"""The model repository: models/NAME/VERSION/ directories, found by scanning, resolved by version.
+"""The model repository: models/NAME/VERSION/ directories, laid out, found by scanning, resolved by version.
 
 Directories starting with "." are an exporter's work in progress (it publishes by renaming one into
 place), so a scan never sees half a bundle. Scanning reads no manifests: a version directory whose
@@ -12,8 +12,8 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from server.bundle.errors import BundleError, ModelNotFoundError
-from server.bundle.manifest import validate_name, validate_version
+from seqserve.bundle.errors import BundleError, ModelNotFoundError
+from seqserve.bundle.manifest import validate_name, validate_version
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,14 @@ def scan_repository(root: str | os.PathLike[str]) -> Repository:
         if versions:
             repository[name] = dict(sorted(versions.items()))
     return repository
+
+
+def bundle_path(root: str | os.PathLike[str], name: str, version: int) -> Path:
+    """Where version `version` of model `name` lives in the repository at `root`: root/NAME/VERSION.
+
+    The one place the layout is spelled; both parts are validated, so neither can be read as a path.
+    """
+    return Path(root) / validate_name(name) / str(validate_version(version))
 
 
 def latest_version(versions: Mapping[int, Path]) -> int:
