@@ -254,8 +254,8 @@ def test_a_deadline_that_passes_before_the_call_starts_is_deadline_exceeded_not_
     async def calls(channel):
         stub = pb_grpc.SeqserveStub(channel)
         codes = []
-        for call in (lambda: stub.ListModels(pb.ListModelsRequest(), timeout=0.05),
-                     lambda: _drain(stub.Generate(pb.GenerateRequest(model="x"), timeout=0.05))):
+        for call in (lambda: stub.ListModels(pb.ListModelsRequest(), timeout=0.5),
+                     lambda: _drain(stub.Generate(pb.GenerateRequest(model="x"), timeout=0.5))):
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await call()
             codes.append(caught.value.code())
@@ -298,7 +298,7 @@ def test_a_call_ended_before_its_handler_starts_is_counted_once(monkeypatch):
     async def calls(channel):
         stub = pb_grpc.SeqserveStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await _drain(stub.Generate(pb.GenerateRequest(model="x"), timeout=0.05))
+            await _drain(stub.Generate(pb.GenerateRequest(model="x"), timeout=0.5))
         return caught.value.code()
 
     code, observed = serve_and_call(calls)
