@@ -27,7 +27,7 @@ from seqserve.v1.manifest_pb2 import ModelKind
 from server.api import inference_convert as tensors
 from server.api.convert import RequestLimits
 from server.api.errors import request_id_var
-from server.api.servicer import ServedModel
+from server.api.served_model import ServedModel
 from server.api.status import status_of
 from server.decoding import FinishReason
 from server.engine.requests import FinishEvent, GenerationRequest, TokenEvent, TranslationRequest

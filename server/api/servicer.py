@@ -1,7 +1,8 @@
 """The Seqserve gRPC servicer: thin. Protobuf in, domain requests to the model's engine, events out.
 
 Validation and conversion live in `convert`, status codes in `errors` (this module only raises domain
-errors), sessions in `server.sessions`, the Converse multiplexing in `converse`. Streams send the
+errors), a model's tokenizers and answers in `served_model`, sessions in `server.sessions`, the Converse
+multiplexing in `converse`. Streams send the
 tokens of each engine step as they come; when the client reads slower than the engine decodes, the
 tokens that piled up go out together as one TokenChunk. A cancelled or disconnected client cancels the
 engine request, so its rows leave the batch at the next step.
@@ -22,11 +23,11 @@ from server.api import convert
 from server.api.converse import converse
 from server.api.convert import RequestLimits
 from server.api.errors import request_id_var
+from server.api.served_model import ServedModel, TokenLog
 from server.bundle.sessions import provider_name
 from server.engine.requests import FinishEvent, GenerationRequest, TokenEvent, TranslationRequest
 from server.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, SeqserveError, Unavailable
 from server.sessions import SessionManager
-from server.text_input import check_input_chars, encode_text
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ class SeqserveServicer(pb_grpc.SeqserveServicer):
         source_ids = await model.encode_source(request.source, "source")
         stream = model.engine.submit(TranslationRequest(request_id_var.get(), source_ids, params,
                                                         request.return_attention, _deadline(context)))
-        tokens = _TokenLog()
+        tokens = TokenLog()
         # The proto promises beam translations no chunks: the full n-best list comes in .done.
         async for item in self._chunks(stream, model, tokens, arrived, pb.TranslateStreamResponse,
                                        send_tokens=params.strategy != "beam"):
@@ -105,7 +106,7 @@ class SeqserveServicer(pb_grpc.SeqserveServicer):
         prompt_ids = await model.encode_prompt(request.prompt)
         stream = model.engine.submit(GenerationRequest(request_id_var.get(), prompt_ids, params,
                                                        deadline=_deadline(context)))
-        async for item in self._chunks(stream, model, _TokenLog(), arrived, pb.GenerateResponse):
+        async for item in self._chunks(stream, model, TokenLog(), arrived, pb.GenerateResponse):
             if not isinstance(item, FinishEvent):
                 yield item  # a chunk
                 continue
@@ -227,7 +228,7 @@ class SeqserveServicer(pb_grpc.SeqserveServicer):
                                              retry_id=request.request_id)
         try:
             model = ServedModel(await generation.ready(), self._limits)
-            async for item in self._chunks(generation, model, _TokenLog(), arrived, pb.GenerateResponse,
+            async for item in self._chunks(generation, model, TokenLog(), arrived, pb.GenerateResponse,
                                            batches=batches):
                 if not isinstance(item, FinishEvent):
                     yield item  # a chunk
@@ -255,7 +256,7 @@ class SeqserveServicer(pb_grpc.SeqserveServicer):
                                      f"is a {_kind_name(model.kind)} model{hint}")
         return model
 
-    async def _chunks(self, stream, model: ServedModel, tokens: _TokenLog, arrived: float, response_type,
+    async def _chunks(self, stream, model: ServedModel, tokens: TokenLog, arrived: float, response_type,
                       send_tokens: bool = True, batches=None) -> AsyncIterator:
         """Responses (of `response_type`) carrying a TokenChunk of the stream's tokens (coalesced when
         several are ready), then the stream's FinishEvent.
@@ -288,90 +289,8 @@ class SeqserveServicer(pb_grpc.SeqserveServicer):
                     yield event
 
 
-class ServedModel:
-    """One engine's model as the API sees it: identity, tokenizers, and its answers as messages."""
-
-    def __init__(self, engine, limits: RequestLimits):
-        self.engine = engine
-        self.bundle = engine.bundle
-        spec = self.bundle.spec
-        self.name, self.version, self.kind = spec.name, spec.version, spec.kind.to_pb()  # the wire's enum
-        self._limits = limits
-        self._bos = spec.special.bos
-        self._output = self.bundle.tokenizer(spec.output_tokenizer_role)
-
-    def check_source_chars(self, text: str, field: str) -> None:
-        check_input_chars(self.bundle.tokenizer("source"), text, field, self._limits.max_input_tokens)
-
-    async def encode_source(self, text: str, field: str) -> list[int]:
-        return await encode_text(self.bundle.tokenizer("source"), text, field, self._limits.max_input_tokens)
-
-    async def encode_prompt(self, text: str) -> list[int]:
-        """<bos> then the prompt's tokens (an empty prompt generates from the start of a sequence)."""
-        return [self._bos, *await encode_text(self.bundle.tokenizer("text"), text, "prompt",
-                                              self._limits.max_input_tokens)]
-
-    def chunk(self, events: list[TokenEvent], first_index: int, into: pb.TokenChunk | None = None) -> pb.TokenChunk:
-        """One TokenChunk of `events` (filling `into`, e.g. a response's chunk field, when given)."""
-        if len(events) == 1:
-            event = events[0]
-            return convert.chunk_to_pb(event.token_ids, event.text, first_index, self._output,
-                                       log_probs=event.log_probs, alternatives=event.top_alternatives, into=into)
-        ids = [token for event in events for token in event.token_ids]
-        log_probs = [p for event in events for p in (event.log_probs or ())]
-        alternatives = [a for event in events for a in (event.top_alternatives or ())]
-        return convert.chunk_to_pb(ids, "".join(event.text for event in events), first_index, self._output,
-                                   log_probs=log_probs, alternatives=alternatives, into=into)
-
-    def translation(self, finish: FinishEvent, tokens: _TokenLog, source_ids: list[int],
-                    return_attention: bool) -> pb.Translation:
-        translation = pb.Translation()
-        texts = finish.texts or [finish.text]
-        for index, hypothesis in enumerate(finish.hypotheses):
-            length = len(hypothesis.tokens)
-            # The streamed tokens are the best hypothesis' (greedy, sampling); beams stream none of theirs.
-            streamed = index == 0 and tokens.ids[:length] == list(hypothesis.tokens)
-            attention = None
-            if return_attention and finish.attention is not None and index < len(finish.attention):
-                attention = finish.attention[index][:length]  # one row per token of token_ids
-            translation.hypotheses.append(convert.hypothesis_to_pb(
-                hypothesis, self._output, text=texts[index] if index < len(texts) else None,
-                token_log_probs=tokens.log_probs[:length] if streamed and tokens.log_probs else None,
-                alternatives=tokens.alternatives[:length] if streamed and tokens.alternatives else None,
-                attention=attention))
-        if return_attention:
-            source = self.bundle.tokenizer("source")
-            translation.source_token_ids.extend(source_ids)
-            translation.source_tokens.extend(source.id_to_token(token) or "" for token in source_ids)
-        return translation
-
-    def matched_stop(self, finish: FinishEvent, stop: tuple[str, ...]) -> str:
-        """The stop string that ended a generation: the one found earliest in the generated text."""
-        if convert.finish_reason_to_pb(finish.reason) != pb.FINISH_REASON_STOP_SEQUENCE or not stop:
-            return ""
-        text = self._output.decode(finish.generated_ids)
-        found = [(text.find(s), i) for i, s in enumerate(stop) if s in text]
-        return stop[min(found)[1]] if found else ""
-
-
-class _TokenLog:
-    """The per-token extras a stream carried (its FinishEvent's hypotheses do not repeat them)."""
-
-    def __init__(self):
-        self.ids: list[int] = []
-        self.log_probs: list[float] = []
-        self.alternatives: list = []
-
-    def add(self, event: TokenEvent) -> None:
-        self.ids += event.token_ids
-        if event.log_probs is not None:
-            self.log_probs += event.log_probs
-        if event.top_alternatives is not None:
-            self.alternatives += event.top_alternatives
-
-
-async def _collect(stream) -> tuple[FinishEvent, _TokenLog]:
-    tokens = _TokenLog()
+async def _collect(stream) -> tuple[FinishEvent, TokenLog]:
+    tokens = TokenLog()
     async for event in stream:
         if isinstance(event, TokenEvent):
             tokens.add(event)
