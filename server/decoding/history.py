@@ -45,9 +45,6 @@ class TokenHistory:
     def vocab_size(self) -> int:
         return self.seen.shape[1]
 
-    def row(self, index: int) -> np.ndarray:
-        return self.tokens[index, : self.lengths[index]]
-
     def append(self, new_tokens: np.ndarray) -> None:
         """Add one token to every row."""
         if len(self.lengths) == 0:

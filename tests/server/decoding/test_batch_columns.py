@@ -8,6 +8,11 @@ from server.decoding.params import DecodingParams
 from server.decoding.row_params import BEAM, GREEDY, SAMPLE, RowParams
 
 
+def row(history, index: int):
+    """The tokens of one row of a TokenHistory (up to its length)."""
+    return history.tokens[index, : history.lengths[index]]
+
+
 def test_row_params_from_params_fills_every_column():
     rows = RowParams.from_params(DecodingParams(strategy="sample", seed=2**64 - 1, top_k=4, top_p=0.5,
                                                 temperature=0.7, repetition_penalty=1.2, min_new_tokens=3,
@@ -47,8 +52,8 @@ def test_history_from_prompts_append_and_growth():
     for step in range(capacity + 1):
         history.append(np.array([1, 2, 3]) + step % 2)
     assert history.tokens.shape[1] > capacity  # doubled
-    assert history.row(0).tolist() == [5, 6] + [1 + s % 2 for s in range(capacity + 1)]
-    assert history.row(1).tolist() == [2 + s % 2 for s in range(capacity + 1)]
+    assert row(history, 0).tolist() == [5, 6] + [1 + s % 2 for s in range(capacity + 1)]
+    assert row(history, 1).tolist() == [2 + s % 2 for s in range(capacity + 1)]
     assert history.seen[1, [2, 3]].all() and not history.seen[1, 1]
 
 
@@ -56,8 +61,8 @@ def test_history_filter_repeats_rows_independently():
     history = TokenHistory.from_prompts([[1], [2, 3]], vocab_size=5)
     forked = history.filter(np.array([1, 1, 0]))
     forked.append(np.array([4, 0, 4]))
-    assert [forked.row(i).tolist() for i in range(3)] == [[2, 3, 4], [2, 3, 0], [1, 4]]
-    assert history.row(1).tolist() == [2, 3]  # the original is untouched
+    assert [row(forked, i).tolist() for i in range(3)] == [[2, 3, 4], [2, 3, 0], [1, 4]]
+    assert row(history, 1).tolist() == [2, 3]  # the original is untouched
     assert forked.seen[0, 4] and not forked.seen[1, 4]
 
 
@@ -66,7 +71,7 @@ def test_history_concatenate_pads_to_the_widest():
     long = TokenHistory.from_prompts([[2] * 40], vocab_size=6)
     joined = TokenHistory.concatenate([short, TokenHistory.empty(6), long])
     assert joined.lengths.tolist() == [1, 40]
-    assert joined.row(0).tolist() == [1] and joined.row(1).tolist() == [2] * 40
+    assert row(joined, 0).tolist() == [1] and row(joined, 1).tolist() == [2] * 40
     assert joined.seen[:, 2].tolist() == [False, True]
     with pytest.raises(ValueError):
         TokenHistory.concatenate([short, TokenHistory.empty(7)])

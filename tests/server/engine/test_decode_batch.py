@@ -17,6 +17,10 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SMALL_EXPORT = ExportOptions(eval_limit=10, real_inputs=50,
                              parity=ParitySettings(greedy_inputs=5, beam_inputs=2, max_new_tokens=10))
 
+def row(history, index: int):
+    """The tokens of one row of a TokenHistory (up to its length)."""
+    return history.tokens[index, : history.lengths[index]]
+
 
 def make_batch(rows, width, first_owner=0, group=0):
     """A batch whose every value names its row, with sources of `width` (mask ones then zeros)."""
@@ -66,7 +70,7 @@ def test_chooser_rows_follow_their_rows():
     assert kept.log_prob.tolist() == [-0.75, -3.0, 0.0]
     assert kept.tracked.tolist() == ["a", "c", "d"]
     assert kept.plain.tolist() == [True, True, False] and kept.spoken.tolist() == [False, True, False]
-    assert [kept.history.row(i).tolist() for i in range(3)] == [[1, 4, 2, 5], [1, 5, 6, 4, 7], [1]]
+    assert [row(kept.history, i).tolist() for i in range(3)] == [[1, 4, 2, 5], [1, 5, 6, 4, 7], [1]]
     assert kept.generated_ids(1) == [4, 7] and kept.generated_ids(1, drop_last=True) == [4]
     assert kept.generated_ids(2) == []
     assert isinstance(kept.history, TokenHistory)
