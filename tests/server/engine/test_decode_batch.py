@@ -17,6 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SMALL_EXPORT = ExportOptions(eval_limit=10, real_inputs=50,
                              parity=ParitySettings(greedy_inputs=5, beam_inputs=2, max_new_tokens=10))
 
+
 def row(history, index: int):
     """The tokens of one row of a TokenHistory (up to its length)."""
     return history.tokens[index, : history.lengths[index]]
