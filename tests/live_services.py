@@ -88,7 +88,8 @@ class ServeProcess:
                     serving.set()
             serving.set()
 
-        threading.Thread(target=read, daemon=True).start()
+        self._reader = threading.Thread(target=read, daemon=True)
+        self._reader.start()
         serving.wait(timeout)
         if self.port is None:
             self.kill()
@@ -97,6 +98,20 @@ class ServeProcess:
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    def events(self) -> list[dict]:
+        """Its JSON log entries so far; every one of them once the process has ended."""
+        import json
+
+        if self.process.poll() is not None:
+            self._reader.join(timeout=10)
+        entries = []
+        for line in list(self.log):
+            try:
+                entries.append(json.loads(line))
+            except ValueError:
+                continue
+        return entries
 
     def kill(self) -> None:
         """SIGKILL: no drain, no flush, nothing the process could still do."""
