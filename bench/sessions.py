@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import models  # noqa: E402
 from bench.serve import DEFAULT_CACHE  # noqa: E402
+from server.engine import EngineConfig  # noqa: E402
 from server.registry import ModelRegistry  # noqa: E402
 from server.sessions import SessionLimits, SessionManager, SessionRecord  # noqa: E402
 
@@ -43,9 +44,10 @@ def median_seconds(samples: list[float]) -> float:
 
 
 async def in_process(repository: Path, name: str, text: str, args) -> dict:
-    registry = ModelRegistry(repository, session_options={"intra_op_num_threads": args.threads})
+    registry = ModelRegistry(repository, config=EngineConfig(max_input_tokens=4096),
+                             session_options={"intra_op_num_threads": args.threads})
     await registry.start()
-    limits = SessionLimits(max_sessions=args.sessions + args.concurrent + 16, max_input_tokens=4096)
+    limits = SessionLimits(max_sessions=args.sessions + args.concurrent + 16)
     manager = SessionManager(registry, limits)
     engine = await registry.get(name)
     results: dict = {}

@@ -294,14 +294,14 @@ def _read_pem(config: ServerConfig, setting: str) -> bytes:
 def _limits(config: ServerConfig) -> RequestLimits:
     return RequestLimits(default_max_new_tokens=config.default_max_new_tokens, max_new_tokens=config.max_new_tokens,
                          default_beam_size=config.default_beam_size, max_beam_size=config.max_beam_size,
-                         max_sources=config.max_sources, max_input_tokens=config.max_input_tokens)
+                         max_sources=config.max_sources)
 
 
 def _session_limits(config: ServerConfig) -> SessionLimits:
     # A session looks back as far as a Generate request can (its prompt and its output), so a session's text
     # decodes as a Generate of the same text would, and costs the batch no more history than one.
     return SessionLimits(max_sessions=config.max_sessions, default_ttl_seconds=config.session_ttl_seconds,
-                         max_ttl_seconds=config.max_session_ttl_seconds, max_input_tokens=config.max_input_tokens,
+                         max_ttl_seconds=config.max_session_ttl_seconds,
                          history_tokens=config.max_input_tokens + 1 + config.max_new_tokens)
 
 

@@ -47,7 +47,6 @@ class RequestLimits:
     default_beam_size: int = 4
     max_beam_size: int = 16
     max_sources: int = 64
-    max_input_tokens: int = 512
 
 
 # --- requests ------------------------------------------------------------------------------------------

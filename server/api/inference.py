@@ -413,7 +413,7 @@ class InferenceServicer:
         if not name:
             raise InvalidArgument(field="model_name" if version_field == "model_version" else "name", value=name,
                                   allowed="a model name (RepositoryIndex lists them)")
-        return ServedModel(await self._registry.get(name, _version(version, version_field)), self._limits)
+        return ServedModel(await self._registry.get(name, _version(version, version_field)))
 
     def _response(self, model: ServedModel, request):
         return oip.ModelInferResponse(model_name=model.name, model_version=str(model.version), id=request.id)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from seqserve.v1 import service_pb2 as pb
 from server.api import convert
-from server.api.convert import RequestLimits
 from server.engine.requests import FinishEvent, TokenEvent
 from server.text_input import check_input_chars, encode_text
 
@@ -13,25 +12,24 @@ from server.text_input import check_input_chars, encode_text
 class ServedModel:
     """One engine's model as the API sees it: identity, tokenizers, and its answers as messages."""
 
-    def __init__(self, engine, limits: RequestLimits):
+    def __init__(self, engine):
         self.engine = engine
         self.bundle = engine.bundle
         spec = self.bundle.spec
         self.name, self.version, self.kind = spec.name, spec.version, spec.kind.to_pb()  # the wire's enum
-        self._limits = limits
         self._bos = spec.special.bos
         self._output = self.bundle.tokenizer(spec.output_tokenizer_role)
 
     def check_source_chars(self, text: str, field: str) -> None:
-        check_input_chars(self.bundle.tokenizer("source"), text, field, self._limits.max_input_tokens)
+        check_input_chars(self.bundle.tokenizer("source"), text, field, self.engine.max_input_tokens)
 
     async def encode_source(self, text: str, field: str) -> list[int]:
-        return await encode_text(self.bundle.tokenizer("source"), text, field, self._limits.max_input_tokens)
+        return await encode_text(self.bundle.tokenizer("source"), text, field, self.engine.max_input_tokens)
 
     async def encode_prompt(self, text: str) -> list[int]:
         """<bos> then the prompt's tokens (an empty prompt generates from the start of a sequence)."""
         return [self._bos, *await encode_text(self.bundle.tokenizer("text"), text, "prompt",
-                                              self._limits.max_input_tokens)]
+                                              self.engine.max_input_tokens)]
 
     def chunk(self, events: list[TokenEvent], first_index: int, into: pb.TokenChunk | None = None) -> pb.TokenChunk:
         """One TokenChunk of `events` (filling `into`, e.g. a response's chunk field, when given)."""

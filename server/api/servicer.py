@@ -227,7 +227,7 @@ class SeqserveServicer(pb_grpc.SeqserveServicer):
                                              request_id=request.request_id or request_id,
                                              retry_id=request.request_id)
         try:
-            model = ServedModel(await generation.ready(), self._limits)
+            model = ServedModel(await generation.ready())
             async for item in self._chunks(generation, model, TokenLog(), arrived, pb.GenerateResponse,
                                            batches=batches):
                 if not isinstance(item, FinishEvent):
@@ -248,7 +248,7 @@ class SeqserveServicer(pb_grpc.SeqserveServicer):
     async def _model(self, name: str, version: int, rpc: str) -> ServedModel:
         name, version = _checked_name(name, version)
         engine = await self._registry.get(name, version)
-        model = ServedModel(engine, self._limits)
+        model = ServedModel(engine)
         kind = _KIND_OF_RPC[rpc]
         if model.kind != kind:
             hint = " (use Generate)" if model.kind == ModelKind.MODEL_KIND_LM else " (use Translate)"

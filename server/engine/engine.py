@@ -138,6 +138,17 @@ class ModelEngine:
                             enqueued_at=time.monotonic(), stream=stream))
         return stream
 
+    # --- what sessions use (server.sessions.port.SessionEngine) -------------------------------
+
+    @property
+    def max_input_tokens(self) -> int:
+        """The most tokens one prompt, source or fed text may have (longer: INVALID_ARGUMENT)."""
+        return self.config.max_input_tokens
+
+    def tokenizer(self, role: str):
+        """The bundle's tokenizer for `role` ("text" of an LM; "source" or "target" of a translator)."""
+        return self.bundle.tokenizer(role)
+
     def zero_state(self, rows: int = 1) -> State:
         """The recurrent state before any token, `rows` rows (batch first): where a session starts."""
         return self.runner.zero_state(rows)
@@ -145,9 +156,48 @@ class ModelEngine:
     async def feed(self, state: State | None, token_ids: list[int], want_log_probs: bool = False, *,
                    next_token_id: int | None = None, deadline: float | None = None
                    ) -> tuple[State, np.ndarray | None]:
-        """Advance a session's state by `token_ids` through the batched prefill (see `FeedRequest`)."""
+        """Advance a session's state by `token_ids` through the batched prefill (see `FeedRequest`).
+
+        Any number of tokens: more than `max_input_tokens` go in pieces of that many, one after the
+        other, so that one long feed never fills a step's prefill alone. The log-probs are the pieces'
+        together (each piece's last one scored on the first token of the next).
+        """
+        ids = list(token_ids)
+        size = self.config.max_input_tokens
+        if len(ids) <= size:
+            return await self._feed_piece(state, ids, want_log_probs, next_token_id, deadline)
+        scores = []
+        for start in range(0, len(ids), size):
+            following = ids[start + size] if start + size < len(ids) else next_token_id
+            state, part = await self._feed_piece(state, ids[start : start + size], want_log_probs, following,
+                                                 deadline)
+            scores.append(part)
+        return state, np.concatenate(scores) if want_log_probs else None
+
+    async def park(self, state: State, last_token_id: int, finish: FinishEvent) -> tuple[State, list[int]]:
+        """Where a session stands after a generation that started from (`state`, `last_token_id`) ended with
+        `finish`: the state before the last token the generation chose, and every token it chose.
+
+        The chosen tokens are the generated ones, plus a final <eos> when the model chose it (a matched stop
+        string's tokens are generated ones); a generation cancelled before its first step chose none, and
+        (`state`, []) comes back. The finish event's `final_state` is used when it has one (greedy and
+        sampling with `return_final_state`); otherwise (beam search) the chosen tokens are fed.
+        """
+        eos = self.spec.special.eos
+        chosen = list(finish.generated_ids)
+        if finish.last_token_id == eos or (finish.final_state is None and finish.reason is FinishReason.EOS):
+            chosen.append(eos)
+        if not chosen:
+            return state, []
+        if finish.final_state is not None and finish.last_token_id == chosen[-1]:
+            return finish.final_state, chosen
+        state, _ = await self.feed(state, [last_token_id, *chosen[:-1]])
+        return state, chosen
+
+    async def _feed_piece(self, state: State | None, token_ids: list[int], want_log_probs: bool,
+                          next_token_id: int | None, deadline: float | None) -> tuple[State, np.ndarray | None]:
         self._check_accepting()
-        request = FeedRequest(state, list(token_ids), want_log_probs, next_token_id, deadline)
+        request = FeedRequest(state, token_ids, want_log_probs, next_token_id, deadline)
         validate_feed(request, self.bundle, self.config)
         slot = self._scheduler.new_slot()
         future = asyncio.get_running_loop().create_future()

@@ -139,26 +139,31 @@ class RequestStream:
     request; the engine drops its rows at the next step. One consumer at a time.
     """
 
-    def __init__(self, request_id: str, params: DecodingParams, on_cancel: Callable[[], None] | None = None):
+    def __init__(self, request_id: str, params: DecodingParams, on_cancel: Callable[[], None] | None = None,
+                 on_end_taken: Callable[[], None] | None = None):
         self.request_id = request_id
         self.params = params  # validated, with the seed the server drew for sampling
         self.cancelled = False
-        self.done = False  # the finish event (or an error) was put; what is still queued can be taken
+        self.done = False  # the stream ended (finish event, error or `close`); what is still queued can be taken
         # Events, then possibly the error that ended the stream (always last: put and fail stop at done).
         self._mailbox = Mailbox(f"request {request_id}", self.cancel)
         self._items = self._mailbox.items
         self._on_cancel = on_cancel
+        self._on_end_taken = on_end_taken  # called once the consumer has taken the last item of an ended stream
 
     def __aiter__(self) -> RequestStream:
         return self
 
     async def __anext__(self) -> Event:
         items = self._items
-        if not items:
+        while not items:
             if self.done:
+                self._end_taken()
                 raise StopAsyncIteration
             await self._mailbox.wait()
         item = items.popleft()
+        if not items and self.done:
+            self._end_taken()
         if isinstance(item, BaseException):
             raise item
         return item
@@ -170,12 +175,14 @@ class RequestStream:
         the one that returned them).
         """
         items = self._items
-        if not items:
+        while not items:
             if self.done:
+                self._end_taken()
                 return []
             await self._mailbox.wait()
         if isinstance(items[-1], BaseException):
             if len(items) == 1:
+                self._end_taken()
                 raise items.popleft()
             batch = list(items)
             items.clear()
@@ -183,6 +190,8 @@ class RequestStream:
             return batch
         batch = list(items)
         items.clear()
+        if self.done:
+            self._end_taken()
         return batch
 
     async def result(self) -> FinishEvent:
@@ -206,7 +215,7 @@ class RequestStream:
     async def aclose(self) -> None:
         self.cancel()
 
-    # Called by the engine, on the event loop's thread.
+    # Called by the producer (the engine, a session generation), on the event loop's thread.
     def put(self, event: Event) -> None:
         if self.done:
             return
@@ -219,6 +228,18 @@ class RequestStream:
             return
         self.done = True
         self._mailbox.put(error)
+
+    def close(self) -> None:
+        """End the stream without a finish event (its producer stopped before there was one)."""
+        if self.done:
+            return
+        self.done = True
+        self._mailbox.wake()
+
+    def _end_taken(self) -> None:
+        hook, self._on_end_taken = self._on_end_taken, None
+        if hook is not None:
+            hook()
 
 
 @dataclass

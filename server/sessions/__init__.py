@@ -2,16 +2,20 @@
 
 record.py (what a session is, and its bytes) -> store.py (where records live: memory, sqlite_store.py,
 redis_store.py; compare-and-set on a revision) -> ordering.py (one session's operations in order) ->
-generation.py (a generation that parks its tokens) -> transfer.py (export / import bytes) -> manager.py
-(create, feed, generate, fork, get, close, export, import; TTL, LRU eviction, restart, replicas, metrics).
+port.py (what sessions use of a model's engine: zero state, feed, generate, park) -> generation.py (a
+generation that parks its tokens) -> index.py (open sessions here: LRU, idle deadlines, why ended ones
+went) -> transfer.py (export / import bytes) -> manager.py (create, feed, generate, fork, get, close,
+export, import; expiry, eviction, restart, replicas).
 """
 
 from server.sessions.generation import SessionGeneration
 from server.sessions.manager import FeedResult, SessionInfo, SessionLimits, SessionManager
+from server.sessions.port import SessionEngine
 from server.sessions.record import SessionFormatError, SessionRecord
 from server.sessions.store import InMemorySessionStore, SessionStore, StoreConflict, StoreUnavailable, open_store
 
 __all__ = [
-    "FeedResult", "InMemorySessionStore", "SessionFormatError", "SessionGeneration", "SessionInfo", "SessionLimits",
-    "SessionManager", "SessionRecord", "SessionStore", "StoreConflict", "StoreUnavailable", "open_store",
+    "FeedResult", "InMemorySessionStore", "SessionEngine", "SessionFormatError", "SessionGeneration", "SessionInfo",
+    "SessionLimits", "SessionManager", "SessionRecord", "SessionStore", "StoreConflict", "StoreUnavailable",
+    "open_store",
 ]

@@ -15,9 +15,9 @@ from typing import Protocol, TypeVar
 
 from server.decoding import DecodingParams, FinishReason
 from server.decoding.hypothesis import Hypothesis
-from server.engine import FinishEvent, GenerationRequest, ModelEngine, RequestStream, TokenEvent
-from server.engine.requests import Mailbox
+from server.engine.requests import FinishEvent, GenerationRequest, RequestStream, TokenEvent
 from server.sessions.ordering import Turn
+from server.sessions.port import SessionEngine
 from server.sessions.record import SessionRecord
 
 T = TypeVar("T")
@@ -30,107 +30,52 @@ class SessionHost(Protocol):
 
     async def record_of(self, session_id: str, cached: bool = False) -> SessionRecord: ...
 
-    async def on_engine(self, record: SessionRecord, call: Callable[[ModelEngine], Awaitable[T] | T]
-                        ) -> tuple[ModelEngine, T]: ...
+    async def on_engine(self, record: SessionRecord, call: Callable[[SessionEngine], Awaitable[T] | T]
+                        ) -> tuple[SessionEngine, T]: ...
 
-    async def park(self, record: SessionRecord, engine: ModelEngine, finish: FinishEvent,
+    async def park(self, record: SessionRecord, engine: SessionEngine, finish: FinishEvent,
                    retry_id: str = "") -> int: ...
 
 
-class SessionGeneration:
-    """Async iterator of the engine's TokenEvents and FinishEvent; `await ready()` gives the engine first.
-
-    `next_batch()` takes every event that is ready at once (for consumers that coalesce).
-    `tokens_consumed` is the session's count after the generation (set before the FinishEvent comes).
+class SessionGeneration(RequestStream):
+    """The engine's TokenEvents and FinishEvent for the caller (a `RequestStream` the work task fills);
+    `await ready()` gives the engine first. `tokens_consumed` is the session's count after the generation
+    (set before the FinishEvent comes). The stream ends without a FinishEvent if the generation never ran.
     """
 
     def __init__(self, manager: SessionHost, session_id: str, turn: Turn, params: DecodingParams,
                  leave_unchanged: bool, request_id: str, retry_id: str = ""):
         loop = asyncio.get_running_loop()
+        self._taken = loop.create_future()  # the caller took the FinishEvent (or what ended the stream), or left
+        super().__init__(request_id, params, on_cancel=self._stop_engine_request,
+                         on_end_taken=lambda: _set(self._taken))
         self.session_id = session_id
-        self.request_id = request_id
         self.retry_id = retry_id  # a client's id: a generation the session already applied is replayed
         self.tokens_consumed: int | None = None
-        # Events, then possibly the error that stopped the work; `_closed` once the work put its last.
-        self._mailbox = Mailbox(f"generation {request_id}", self.cancel)
-        self._items = self._mailbox.items
-        self._closed = False
         self._ready = loop.create_future()
         self._ready.add_done_callback(_retrieve)  # nobody may ask; its error also reaches the iterator
-        self._taken = loop.create_future()  # the caller took the FinishEvent, or left
-        self._stream: RequestStream | None = None
-        self._cancelled = False
-        self._ended = False
+        self._engine_stream: RequestStream | None = None
         self.task = loop.create_task(self._run(manager, turn, params, leave_unchanged),
                                      name=f"session generation {request_id}")
 
-    async def ready(self) -> ModelEngine:
+    async def ready(self) -> SessionEngine:
         """The engine the generation runs on, once it is submitted; raises what stopped it before that."""
         return await asyncio.shield(self._ready)
 
-    def __aiter__(self) -> SessionGeneration:
-        return self
-
-    async def __anext__(self) -> TokenEvent | FinishEvent:
-        if self._ended or not await self._wait():
-            raise StopAsyncIteration
-        item = self._items.popleft()
-        if isinstance(item, BaseException):
-            self._ended = True
-            raise item
-        if isinstance(item, FinishEvent):
-            self._ended = True
-            _set(self._taken)  # the session's next operation may run once this call returns
-        return item
-
-    async def next_batch(self) -> list[TokenEvent | FinishEvent]:
-        """Every event ready now, waiting for the first if none is; [] once the generation has ended.
-
-        An error is raised after the events before it were taken (by the call after the one that
-        returned them).
-        """
-        if self._ended or not await self._wait():
-            return []
-        items = self._items
-        batch = []
-        while items:
-            item = items[0]
-            if isinstance(item, BaseException):
-                if batch:
-                    return batch
-                items.popleft()
-                self._ended = True
-                raise item
-            batch.append(items.popleft())
-            if isinstance(item, FinishEvent):
-                self._ended = True
-                _set(self._taken)  # the session's next operation may run once this call returns
-                break
-        return batch
-
     def cancel(self) -> None:
         """The caller is gone: stop generating; what was generated so far is parked in the session."""
-        if self._cancelled:
-            return
-        self._cancelled = True
-        if self._stream is not None:
-            self._stream.cancel()
+        super().cancel()
         _set(self._taken)
 
-    async def _wait(self) -> bool:
-        """Whether an item is queued, waiting for one; False once the work ended with none left."""
-        while not self._items:
-            if self._closed:
-                self._ended = True
-                return False
-            await self._mailbox.wait()
-        return True
+    def _stop_engine_request(self) -> None:
+        if self._engine_stream is not None:
+            self._engine_stream.cancel()
 
     async def _run(self, manager: SessionHost, turn: Turn, params: DecodingParams, leave_unchanged: bool):
         try:
             async with turn:
                 record = await manager.record_of(self.session_id)
-                if self._cancelled:
+                if self.cancelled:
                     return
                 applied = None if leave_unchanged else record.applied_result(self.retry_id)
                 if applied is not None:
@@ -140,14 +85,14 @@ class SessionGeneration:
                     await self._taken
                     return
 
-                def submit(engine: ModelEngine) -> RequestStream:
+                def submit(engine: SessionEngine) -> RequestStream:
                     return engine.submit(GenerationRequest(
                         self.request_id, [record.last_token_id], params, initial_state=record.state,
                         history_ids=record.history.tolist(), return_final_state=not leave_unchanged))
 
                 engine, stream = await manager.on_engine(record, submit)
-                self._stream = stream
-                if self._cancelled:
+                self._engine_stream = stream
+                if self.cancelled:
                     stream.cancel()
                 self._ready.set_result(engine)
                 while events := await stream.next_batch():
@@ -156,10 +101,10 @@ class SessionGeneration:
                             self.tokens_consumed = record.tokens_consumed
                             if not leave_unchanged:
                                 self.tokens_consumed = await manager.park(record, engine, event, self.retry_id)
-                            self._mailbox.put(event)
+                            self.put(event)
                             await self._taken
                         else:
-                            self._mailbox.put(event)
+                            self.put(event)
         except asyncio.CancelledError as error:  # the manager is stopping
             self._fail(error)
             raise
@@ -168,18 +113,17 @@ class SessionGeneration:
         finally:
             if not self._ready.done():  # left before it was submitted
                 self._ready.cancel()
-            self._closed = True
-            self._mailbox.wake()
+            self.close()
 
     def _replay(self, applied: dict) -> None:
         """The events of a generation this session already applied (a client's retry): its tokens in one
         event (without per-token log-probs), then its finish."""
         ids, reason = list(applied["token_ids"]), FinishReason(applied["reason"])
         if ids:
-            self._mailbox.put(TokenEvent(ids, None, None, applied["text"]))
+            self.put(TokenEvent(ids, None, None, applied["text"]))
         self.tokens_consumed = applied["tokens_consumed"]
         hypothesis = Hypothesis(ids, applied["log_prob"], applied["log_prob"], reason)
-        self._mailbox.put(FinishEvent(reason, [hypothesis], applied["text"], ids, None, 0))
+        self.put(FinishEvent(reason, [hypothesis], applied["text"], ids, None, 0))
 
     def _fail(self, error: BaseException) -> None:
         if not self._ready.done():
@@ -187,7 +131,7 @@ class SessionGeneration:
                 self._ready.cancel()
             else:
                 self._ready.set_exception(error)
-        self._mailbox.put(error)
+        self.fail(error)
 
 
 def _set(future: asyncio.Future) -> None:

@@ -21,32 +21,28 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import heapq
 import logging
 import secrets
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from server.decoding import DecodingParams, FinishReason
-from server.engine import FinishEvent, ModelEngine
+from server.decoding import DecodingParams
+from server.engine.requests import FinishEvent
 from server.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from server.metrics import Metrics
 from server.sessions.generation import SessionGeneration
-from server.sessions.ordering import SessionLine
+from server.sessions.index import CLOSED, EVICTED, EXPIRED, MODEL_REMOVED, Live, SessionIndex
+from server.sessions.port import SessionEngine
 from server.sessions.record import SessionRecord, State
 from server.sessions.store import InMemorySessionStore, MeasuredStore, SessionStore, StoreConflict, StoredSession
-from server.sessions.transfer import bundle_checksum, pack, unpack
+from server.sessions.transfer import pack, unpack
 from server.text_input import encode_text
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-# sessions_evicted_total{reason} labels (a client's CloseSession is not an eviction).
-EXPIRED, EVICTED, MODEL_REMOVED, CLOSED = "expired", "evicted", "model_removed", "closed"
 
 
 @dataclass(frozen=True)
@@ -54,14 +50,13 @@ class SessionLimits:
     max_sessions: int = 10_000  # open sessions, all models together; beyond, the least recently used idle one goes
     default_ttl_seconds: int = 600  # idle TTL of a session that asks for none
     max_ttl_seconds: int = 86_400  # the longest idle TTL a session may ask for
-    max_input_tokens: int = 512  # tokens of one prefix or fed text
     history_tokens: int = 1024  # the end of a session's text that penalties and detokenisation look back on
     tombstones: int = 10_000  # ended ids remembered, to say why they are gone
     sweep_seconds: float = 1.0  # how often expired sessions are looked for (they also expire when touched)
     applied_ids: int = 32  # request_ids a session remembers (with their answers), so a retry is applied once
 
     def __post_init__(self):
-        for name in ("max_sessions", "default_ttl_seconds", "max_ttl_seconds", "max_input_tokens", "history_tokens",
+        for name in ("max_sessions", "default_ttl_seconds", "max_ttl_seconds", "history_tokens",
                      "tombstones"):
             if getattr(self, name) < 1:
                 raise ValueError(f"session setting {name} must be >= 1, got {getattr(self, name)}")
@@ -97,22 +92,6 @@ class FeedResult:
     log_probs: list[float] | None  # log-prob of each fed token given everything before it (when asked)
 
 
-class _Live:
-    """The manager's index entry of an open session: what TTL, LRU and ordering need without the store."""
-
-    __slots__ = ("model", "version", "ttl_seconds", "created_at", "last_used_at", "state_bytes", "line")
-
-    def __init__(self, record: SessionRecord | StoredSession):
-        self.model, self.version, self.ttl_seconds = record.model, record.version, record.ttl_seconds
-        self.created_at, self.last_used_at = record.created_at, record.last_used_at
-        self.state_bytes = record.state_bytes
-        self.line = SessionLine()
-
-    @property
-    def expires_at(self) -> float:
-        return self.last_used_at + self.ttl_seconds
-
-
 class _Adoption:
     """A shared store's session being looked up for this process, and the operations waiting for it."""
 
@@ -124,7 +103,8 @@ class _Adoption:
 
 
 class SessionManager:
-    """Sessions of every model of `registry` (anything with `await get(name, version) -> ModelEngine`)."""
+    """Sessions of every model of `registry` (anything with `await get(name, version)` giving a model's
+    `SessionEngine`, e.g. `server.registry.ModelRegistry`)."""
 
     def __init__(self, registry, limits: SessionLimits | None = None, *, store: SessionStore | None = None,
                  metrics: Metrics | None = None, clock: Callable[[], float] = time.time,
@@ -139,15 +119,13 @@ class SessionManager:
         self.conflict_retries = 3  # an operation that loses a race with another replica runs again this often
         self.clock = clock
         self._adopting: dict[str, _Adoption] = {}
-        self._live: OrderedDict[str, _Live] = OrderedDict()  # least recently used first
-        self._expiry: list[tuple[float, str]] = []  # heap of (expires_at, id), at least one entry per session
-        self._ended: OrderedDict[str, str] = OrderedDict()  # id -> why it is gone (bounded)
+        self._index = SessionIndex(self.metrics, self.limits.max_sessions, self.limits.tombstones)
         self._tasks: set[asyncio.Task] = set()
         self._deletes: set[asyncio.Future] = set()  # store deletes of sessions ended from synchronous code
         self._sweeper: asyncio.Task | None = None
 
     def __len__(self) -> int:
-        return len(self._live)
+        return len(self._index)
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -158,14 +136,15 @@ class SessionManager:
         if not self.shared:
             now = self.clock()
             for stored in await self.store.sessions():
-                if stored.session_id in self._live:
+                if stored.session_id in self._index:
                     continue
                 if stored.expires_at <= now:  # its idle time ran out while the server was down
-                    await self.store.delete(stored.session_id, _why(EXPIRED, stored, self.limits))
-                    self._ended[stored.session_id] = _why(EXPIRED, stored, self.limits)
-                    self.metrics.sessions_evicted_total.labels(model=stored.model, reason=EXPIRED).inc()
+                    why = self._index.why(EXPIRED, stored)
+                    await self.store.delete(stored.session_id, why)
+                    self._index.remember_end(stored.session_id, why)
+                    self._index.count_eviction(stored.model, EXPIRED)
                     continue
-                self._index(stored)
+                self._index.add(stored)
         if self._sweeper is None:
             self._sweeper = asyncio.create_task(self._sweep_forever(), name="session sweeper")
 
@@ -189,7 +168,7 @@ class SessionManager:
         """
         adoption = self._adopting.get(session_id)
         if adoption is None:
-            if session_id in self._live:
+            if session_id in self._index:
                 return
             adoption = self._adopting[session_id] = _Adoption(asyncio.ensure_future(self._adopt(session_id)))
         previous, mine = adoption.last_waiter, asyncio.get_running_loop().create_future()
@@ -204,38 +183,37 @@ class SessionManager:
                 del self._adopting[session_id]
 
     async def _adopt(self, session_id: str) -> None:
-        if not session_id or session_id in self._ended:
+        if not session_id or self._index.why_ended(session_id) is not None:
             return  # _lookup says why
         record = await self.store.get(session_id)
-        if record is not None and session_id not in self._live:
-            self._index(StoredSession.of(record))
+        if record is not None and session_id not in self._index:
+            self._index.add(StoredSession.of(record))
         elif record is None:
             why = await self.store.ended(session_id)
             if why is not None:
-                self._ended[session_id] = why
+                self._index.remember_end(session_id, why)
 
     # --- operations -----------------------------------------------------------------------------
 
     async def create(self, model: str, version: int = 0, prefix: str = "", ttl_seconds: int = 0) -> SessionInfo:
         ttl = self._ttl(ttl_seconds)
 
-        async def start(engine: ModelEngine) -> tuple[State, list[int]]:
+        async def start(engine: SessionEngine) -> tuple[State, list[int]]:
             if not engine.spec.is_lm:
                 raise FailedPrecondition(f"sessions need a language model; {engine.name} v{engine.version} is a "
                                          "translation model")
             history = [engine.spec.special.bos, *await self._encode(engine, prefix, "prefix")]
             state = engine.zero_state(1)
             if len(history) > 1:
-                state, _ = await _feed_all(engine, state, history[:-1])
+                state, _ = await engine.feed(state, history[:-1])
             return state, history
 
         engine, (state, history) = await self._retrying(lambda: self.registry.get(model, version), start)
         now = self.clock()
         record = SessionRecord(secrets.token_hex(16), engine.name, engine.version, state,
                                history[-self.limits.history_tokens:], len(history) - 1, ttl, now, now,
-                               checksum=bundle_checksum(engine.bundle))
-        await self._admit(record)
-        return self._info(record, self._live[record.session_id])
+                               checksum=engine.spec.identity)
+        return self._info(record, await self._admit(record))
 
     async def feed(self, session_id: str, text: str, want_log_probs: bool = False, request_id: str = ""
                    ) -> FeedResult:
@@ -251,20 +229,21 @@ class SessionManager:
                 if applied is not None:
                     return FeedResult(**applied)
 
-                async def advance(engine: ModelEngine, record=record):
+                async def advance(engine: SessionEngine, record=record):
                     tokens = await self._encode(engine, text, "text")
                     if not tokens:
-                        return tokens, record.state, []
-                    state, scores = await _feed_all(engine, record.state, [record.last_token_id, *tokens[:-1]],
-                                                    tokens[-1], want_log_probs)
+                        return tokens, record.state, None
+                    state, scores = await engine.feed(record.state, [record.last_token_id, *tokens[:-1]],
+                                                      want_log_probs, next_token_id=tokens[-1])
                     return tokens, state, scores
 
                 engine, (tokens, state, scores) = await self.on_engine(record, advance)
-                vocab = engine.bundle.tokenizer("text")
+                vocab = engine.tokenizer("text")
                 tokens_consumed = record.tokens_consumed + len(tokens)
                 result = FeedResult(len(tokens), tokens_consumed, list(tokens),
                                     [vocab.id_to_token(t) or "" for t in tokens] if want_log_probs else [],
-                                    [float(p) for p in scores] if want_log_probs else None)
+                                    [float(p) for p in scores] if want_log_probs and tokens else
+                                    [] if want_log_probs else None)
                 if tokens:
                     record = record.advanced(state, tokens, self.clock(), self.limits.history_tokens)
                 elif not request_id:
@@ -305,12 +284,12 @@ class SessionManager:
         async with self._join(session_id):
             record = await self.record_of(session_id)
             copy = record.copy_as(secrets.token_hex(16), ttl or record.ttl_seconds, self.clock())
-            await self._admit(copy)
+            live = await self._admit(copy)
             try:  # the original was used too: its idle time starts again, also after a restart
                 await self._save(record.touched(copy.created_at))
             except StoreConflict:
                 pass  # another replica used it at the same time, which restarted its idle time anyway
-            return self._info(copy, self._live[copy.session_id])
+            return self._info(copy, live)
 
     async def get(self, session_id: str, *, generation_included: bool = False) -> SessionInfo:
         """A snapshot after every operation acknowledged before it; a generation still running at the end
@@ -325,7 +304,7 @@ class SessionManager:
         await self.ensure(session_id)
         async with self._join(session_id):
             record = await self.record_of(session_id)
-            info = self._info(record, self._live[session_id])
+            info = self._info(record, self._lookup(session_id))
             await self._end(session_id, CLOSED)
             return info
 
@@ -341,11 +320,11 @@ class SessionManager:
         record = unpack(data, self.signing_key)
         ttl = self._ttl(ttl_seconds) if ttl_seconds else min(record.ttl_seconds, self.limits.max_ttl_seconds)
 
-        async def check(engine: ModelEngine) -> None:
+        async def check(engine: SessionEngine) -> None:
             if not engine.spec.is_lm:
                 raise FailedPrecondition(f"the session was made on {record.model} v{record.version}, which is a "
                                          "translation model here")
-            checksum = bundle_checksum(engine.bundle)
+            checksum = engine.spec.identity
             if record.checksum and record.checksum != checksum:
                 raise FailedPrecondition(
                     f"the session was made on {record.model} v{record.version} with bundle checksum "
@@ -366,8 +345,7 @@ class SessionManager:
                                      f"server cannot serve: {error}") from None
         now = self.clock()
         copy = record.copy_as(secrets.token_hex(16), ttl, now)
-        await self._admit(copy)
-        return self._info(copy, self._live[copy.session_id])
+        return self._info(copy, await self._admit(copy))
 
     async def sweep(self) -> int:
         """Expire every session idle past its TTL now; how many went."""
@@ -383,24 +361,24 @@ class SessionManager:
         record = await (self.store.get_cached(session_id) if cached else self.store.get(session_id))
         if record is None:
             why = await self.store.ended(session_id)  # ended by another replica, or lost by the store
-            self._forget(session_id, None, why or "is no longer stored; create a new one")
-            raise NotFound(f"session {_short(session_id)} {self._ended[session_id]}")
+            why = self._index.forget(session_id, None, why or "is no longer stored; create a new one")
+            raise NotFound(f"session {_short(session_id)} {why}")
         if self.shared:  # another replica may have used it since: the stored times are the truth
             now = self.clock()
             if record.expires_at <= now and live.line.pending <= 1:  # idle past its TTL, and not by us
-                why = _why(EXPIRED, record, self.limits)
+                why = self._index.why(EXPIRED, record)
                 if await self.store.expire(session_id, why, now):
-                    self._forget(session_id, EXPIRED, why)
+                    self._index.forget(session_id, EXPIRED, why)
                     raise NotFound(f"session {_short(session_id)} {why}")
             live.last_used_at = max(live.last_used_at, record.last_used_at)
             live.ttl_seconds = record.ttl_seconds
         return record
 
-    async def on_engine(self, record: SessionRecord, call: Callable[[ModelEngine], Awaitable[T] | T]
-                        ) -> tuple[ModelEngine, T]:
+    async def on_engine(self, record: SessionRecord, call: Callable[[SessionEngine], Awaitable[T] | T]
+                        ) -> tuple[SessionEngine, T]:
         """`call(engine)` on the engine of the session's own model version (loaded on demand after a hot
         swap). A version gone from the repository ends the session (NOT_FOUND saying so)."""
-        async def engine() -> ModelEngine:
+        async def engine() -> SessionEngine:
             try:
                 found = await self.registry.get(record.model, record.version)
             except NotFound:
@@ -412,30 +390,25 @@ class SessionManager:
                 await self._end(record.session_id, MODEL_REMOVED)
                 raise NotFound(f"session {_short(record.session_id)} ended: model {record.model} version "
                                f"{record.version}, which it was bound to, left the repository") from None
-            if record.checksum and bundle_checksum(found.bundle) != record.checksum:
+            if record.checksum and found.spec.identity != record.checksum:
                 raise FailedPrecondition(
                     f"session {_short(record.session_id)} is bound to model {record.model} version {record.version} "
-                    f"with bundle checksum {record.checksum}; this server's has {bundle_checksum(found.bundle)}")
+                    f"with bundle checksum {record.checksum}; this server's has {found.spec.identity}")
             return found
 
         return await self._retrying(engine, call)
 
-    async def park(self, record: SessionRecord, engine: ModelEngine, finish: FinishEvent, retry_id: str = "") -> int:
+    async def park(self, record: SessionRecord, engine: SessionEngine, finish: FinishEvent,
+                   retry_id: str = "") -> int:
         """Add a finished (or cancelled) generation's tokens to the session; its new tokens_consumed.
 
-        The session takes every token the engine chose before it stopped: those of a matched stop
-        string, and a final <eos>, included; a generation cancelled before its first step adds none.
+        The session takes every token the engine chose before it stopped (`SessionEngine.park`): those of
+        a matched stop string, and a final <eos>, included; a generation cancelled before its first step
+        adds none.
         """
-        eos = engine.spec.special.eos
-        chosen = list(finish.generated_ids)
-        if finish.last_token_id == eos or (finish.final_state is None and finish.reason is FinishReason.EOS):
-            chosen.append(eos)
+        state, chosen = await engine.park(record.state, record.last_token_id, finish)
         if not chosen:
             return record.tokens_consumed
-        if finish.final_state is not None and finish.last_token_id == chosen[-1]:
-            state = finish.final_state
-        else:  # beam search returns no state: read the chosen tokens in one batched prefill
-            state, _ = await _feed_all(engine, record.state, [record.last_token_id, *chosen[:-1]])
         record = record.advanced(state, chosen, self.clock(), self.limits.history_tokens)
         best = finish.hypotheses[0] if finish.hypotheses else None
         record = record.with_applied(retry_id, {
@@ -450,49 +423,42 @@ class SessionManager:
 
     # --- bookkeeping ----------------------------------------------------------------------------
 
-    def _lookup(self, session_id: str) -> _Live:
-        live = self._live.get(session_id)
+    def _lookup(self, session_id: str) -> Live:
+        live = self._index.get(session_id)
         if live is None:
-            why = self._ended.get(session_id)
+            why = self._index.why_ended(session_id)
             if why is not None:
                 raise NotFound(f"session {_short(session_id)} {why}")
             if not session_id:
                 raise InvalidArgument(field="session_id", value=session_id, allowed="a session id from CreateSession")
             raise NotFound(f"unknown session {_short(session_id)}; CreateSession opens one")
         if not self.shared and not live.line.busy and live.expires_at <= self.clock():
-            self._end_soon(session_id, EXPIRED)
-            raise NotFound(f"session {_short(session_id)} {self._ended[session_id]}")
+            why = self._end_soon(session_id, EXPIRED)
+            raise NotFound(f"session {_short(session_id)} {why}")
         return live
 
     def _join(self, session_id: str, generates: bool = False):
         live = self._lookup(session_id)
-        self._touch(session_id, live)
-        return live.line.join(generates=generates, on_release=lambda: self._touch(session_id))
+        self._index.touch(session_id, self.clock())
+        return live.line.join(generates=generates, on_release=lambda: self._index.touch(session_id, self.clock()))
 
-    def _touch(self, session_id: str, live: _Live | None = None) -> None:
-        live = live or self._live.get(session_id)
-        if live is None:
-            return
-        live.last_used_at = self.clock()
-        self._live.move_to_end(session_id)
-
-    async def _admit(self, record: SessionRecord) -> None:
+    async def _admit(self, record: SessionRecord) -> Live:
         """Add a new session, first expiring and then evicting (least recently used, idle) to make room.
         The cap counts the store's sessions (with a shared store, every replica's)."""
         limit = self.limits.max_sessions
         if self.shared:
             await self._make_room_in_store(limit)
         else:
-            if len(self._live) >= limit:
+            if len(self._index) >= limit:
                 self._expire_due(self.clock())
-            while len(self._live) >= limit:
-                victim = next((sid for sid, live in self._live.items() if not live.line.busy), None)
+            while len(self._index) >= limit:
+                victim = self._index.least_recently_used_idle()
                 if victim is None:
                     raise ResourceExhausted(f"this server holds at most {limit} sessions and every one is busy; "
                                             "close sessions you no longer need, or retry later")
                 self._end_soon(victim, EVICTED)
         await self.store.put(record)
-        self._index(record)
+        return self._index.add(record)
 
     async def _make_room_in_store(self, limit: int) -> None:
         excess = await self.store.count() - limit + 1
@@ -505,60 +471,36 @@ class SessionManager:
         for victim in await self.store.least_recently_used(excess + 64):
             if excess <= 0:
                 return
-            live = self._live.get(victim)
+            live = self._index.get(victim)
             if live is not None and live.line.busy:
                 continue
-            if live is not None:
-                self._forget(victim, EVICTED)
-            await self.store.delete(victim, self._ended.get(victim) or _why(EVICTED, None, self.limits))
+            why = self._index.forget(victim, EVICTED) if live is not None else None
+            await self.store.delete(victim, why or self._index.why_ended(victim) or self._index.why(EVICTED, None))
             excess -= 1
         if excess > 0:
             raise ResourceExhausted(f"the session store holds at most {limit} sessions and every one is busy; "
                                     "close sessions you no longer need, or retry later")
 
-    def _index(self, record: SessionRecord | StoredSession) -> None:
-        live = self._live[record.session_id] = _Live(record)
-        heapq.heappush(self._expiry, (live.expires_at, record.session_id))
-        self.metrics.sessions_active.labels(model=record.model).inc()
-        self.metrics.session_state_bytes.labels(model=record.model).inc(live.state_bytes)
-
     async def _save(self, record: SessionRecord) -> None:
-        live = self._live.get(record.session_id)
-        if live is None:
+        if record.session_id not in self._index:
             return
-        if record.state_bytes != live.state_bytes:
-            self.metrics.session_state_bytes.labels(model=record.model).inc(record.state_bytes - live.state_bytes)
-            live.state_bytes = record.state_bytes
+        self._index.resize(record.session_id, record.state_bytes)
         await self.store.put(record)
-
-    def _forget(self, session_id: str, reason: str | None, why: str | None = None) -> str | None:
-        """Drop a session from this process's index and remember why it ended (`why`, or the reason's
-        message); the message, or None if it was not indexed. The store is the caller's to update."""
-        live = self._live.pop(session_id, None)
-        if live is None:
-            return None
-        self.metrics.sessions_active.labels(model=live.model).dec()
-        self.metrics.session_state_bytes.labels(model=live.model).dec(live.state_bytes)
-        if reason not in (CLOSED, None):
-            self.metrics.sessions_evicted_total.labels(model=live.model, reason=reason).inc()
-        why = self._ended[session_id] = why or _why(reason, live, self.limits)
-        while len(self._ended) > self.limits.tombstones:
-            self._ended.popitem(last=False)
-        return why
 
     async def _end(self, session_id: str, reason: str) -> None:
         """End a session: forgotten here, deleted from the store (with why) before this returns."""
-        why = self._forget(session_id, reason)
+        why = self._index.forget(session_id, reason)
         if why is not None:
             await self.store.delete(session_id, why)
 
-    def _end_soon(self, session_id: str, reason: str) -> None:
-        """`_end` from synchronous code: the store's delete runs in the background."""
-        why = self._forget(session_id, reason)
+    def _end_soon(self, session_id: str, reason: str) -> str | None:
+        """`_end` from synchronous code: the store's delete runs in the background. Why it ended."""
+        why = self._index.forget(session_id, reason)
         if why is not None:
             delete = asyncio.ensure_future(self._delete_logged(session_id, why))
             self._deletes.add(delete)
             delete.add_done_callback(self._deletes.discard)
+        return why
 
     async def _delete_logged(self, session_id: str, why: str) -> None:
         try:
@@ -568,57 +510,28 @@ class SessionManager:
 
     def _expire_due(self, now: float) -> int:
         expired = 0
-        heap = self._expiry
-        while heap and heap[0][0] <= now:
-            _, session_id = heapq.heappop(heap)
-            live = self._live.get(session_id)
-            if live is None:
-                continue
-            if live.line.busy:  # never in the middle of an operation; looked at again later
-                heapq.heappush(heap, (now + live.ttl_seconds, session_id))
-            elif live.expires_at > now:  # used since this entry was pushed
-                heapq.heappush(heap, (live.expires_at, session_id))
-            else:
-                self._end_soon(session_id, EXPIRED)
-                expired += 1
-        if len(heap) > 2 * len(self._live) + 1024:  # entries of ended sessions pile up: rebuild
-            self._expiry = [(live.expires_at, sid) for sid, live in self._live.items()]
-            heapq.heapify(self._expiry)
+        for session_id in self._index.due(now):
+            self._end_soon(session_id, EXPIRED)
+            expired += 1
         return expired
 
     async def _expire_stored(self, now: float) -> int:
         """A shared store's sessions whose stored idle time ran out (any replica may sweep them)."""
         expired = 0
         for session_id in await self.store.due(now):
-            live = self._live.get(session_id)
+            live = self._index.get(session_id)
             if live is not None and live.line.busy:
                 continue
             record = await self.store.get(session_id)
             if record is None:
                 continue
-            why = _why(EXPIRED, record, self.limits)
+            why = self._index.why(EXPIRED, record)
             if await self.store.expire(session_id, why, now):
                 expired += 1
-                if self._forget(session_id, EXPIRED, why) is None:
-                    self.metrics.sessions_evicted_total.labels(model=record.model, reason=EXPIRED).inc()
-                    self._ended[session_id] = why
+                if self._index.forget(session_id, EXPIRED, why) is None:
+                    self._index.count_eviction(record.model, EXPIRED)
+                    self._index.remember_end(session_id, why)
         return expired
-
-    def _unindex_idle(self, now: float) -> None:
-        """With a shared store, drop from this process's index the sessions idle here past their TTL: another
-        replica may be using them (the store says, when one comes back here) or have ended them."""
-        heap = self._expiry
-        while heap and heap[0][0] <= now:
-            _, session_id = heapq.heappop(heap)
-            live = self._live.get(session_id)
-            if live is None:
-                continue
-            if live.line.busy or live.expires_at > now:
-                heapq.heappush(heap, (max(live.expires_at, now + 1.0), session_id))
-                continue
-            del self._live[session_id]
-            self.metrics.sessions_active.labels(model=live.model).dec()
-            self.metrics.session_state_bytes.labels(model=live.model).dec(live.state_bytes)
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -626,13 +539,13 @@ class SessionManager:
             try:
                 if self.shared:
                     await self._expire_stored(self.clock())
-                    self._unindex_idle(self.clock())
+                    self._index.unindex_idle(self.clock())
                 else:
                     self._expire_due(self.clock())
             except Exception:  # never let bookkeeping end the sweeper
                 logger.exception("expiring sessions failed")
 
-    def _info(self, record: SessionRecord, live: _Live) -> SessionInfo:
+    def _info(self, record: SessionRecord, live: Live) -> SessionInfo:
         now = self.clock()
         return SessionInfo(session_id=record.session_id, model=record.model, version=record.version,
                            tokens_consumed=record.tokens_consumed, created_at=live.created_at,
@@ -649,10 +562,10 @@ class SessionManager:
                                           f"{self.limits.default_ttl_seconds} s)")
         return ttl_seconds or self.limits.default_ttl_seconds
 
-    async def _encode(self, engine: ModelEngine, text: str, field: str) -> list[int]:
-        return await encode_text(engine.bundle.tokenizer("text"), text, field, self.limits.max_input_tokens)
+    async def _encode(self, engine: SessionEngine, text: str, field: str) -> list[int]:
+        return await encode_text(engine.tokenizer("text"), text, field, engine.max_input_tokens)
 
-    async def _retrying(self, engine: Callable[[], Awaitable[ModelEngine]], call) -> tuple[ModelEngine, T]:
+    async def _retrying(self, engine: Callable[[], Awaitable[SessionEngine]], call) -> tuple[SessionEngine, T]:
         """`call(await engine())`, once more with a fresh engine if the first was retired meanwhile."""
         for attempt in range(2):
             current = await engine()
@@ -669,31 +582,6 @@ class SessionManager:
     def _keep(self, task: asyncio.Future) -> None:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-
-async def _feed_all(engine: ModelEngine, state: State, ids: list[int], next_token_id: int | None = None,
-                    want_log_probs: bool = False) -> tuple[State, list[float]]:
-    """engine.feed over `ids` in pieces the engine accepts (one piece unless they are many)."""
-    size = engine.config.max_input_tokens
-    scores: list[float] = []
-    for start in range(0, len(ids), size):
-        following = ids[start + size] if start + size < len(ids) else next_token_id
-        state, part = await engine.feed(state, ids[start : start + size], want_log_probs, next_token_id=following)
-        if want_log_probs:
-            scores.extend(part.tolist())
-    return state, scores
-
-
-def _why(reason: str, session, limits: SessionLimits) -> str:
-    """What NOT_FOUND says of a session that ended for `reason` (`session`: its record or index entry)."""
-    if reason == CLOSED:
-        return "was closed"
-    if reason == EXPIRED:
-        return f"expired: it was idle for longer than its TTL of {session.ttl_seconds} s"
-    if reason == EVICTED:
-        return (f"was evicted: the server holds at most {limits.max_sessions} sessions and it was the least "
-                "recently used")
-    return f"ended: model {session.model} version {session.version} left the repository"
 
 
 def _aborted(session_id: str, rpc: str) -> Aborted:
