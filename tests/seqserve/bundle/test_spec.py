@@ -6,7 +6,7 @@ import copy
 import json
 
 import pytest
-from test_bundle_manifest import LM_MANIFEST, _seq2seq_manifest  # the same manifests the schema tests use
+from test_manifest import LM_MANIFEST, _seq2seq_manifest  # the same manifests the schema tests use
 
 from seqserve.bundle import BundleError, parse_manifest
 from seqserve.bundle.spec import ModelKind, ModelSpec
