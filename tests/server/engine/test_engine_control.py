@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import inspect
 import time
 
 import numpy as np
@@ -34,6 +36,7 @@ from server.errors import (
     Unavailable,
 )
 from server.metrics import Metrics
+from server.sessions.port import SessionEngine
 from training.checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -192,6 +195,72 @@ def test_bad_requests_are_refused_on_entry(lm):
         assert engine.stats() == (0, 0, 0)
 
     with_engine(bundle, body, EngineConfig(max_input_tokens=8, max_new_tokens=100, max_rows=4))
+
+
+def test_a_feed_longer_than_the_input_limit_goes_in_pieces(lm):
+    model, bundle = lm
+    ids = prompt(bundle, "the dog ran under the mat and the cat sat")
+    assert len(ids) > 3 * 4
+
+    async def body(engine):  # 4 tokens per piece: the feed below is four pieces, each after the one before
+        state, log_probs = await engine.feed(None, ids[:-1], want_log_probs=True, next_token_id=ids[-1])
+        with torch.no_grad():
+            ref = model(torch.tensor([ids[:-1]]), torch.tensor([len(ids) - 1]), *model.initial_state(1))
+        expected = ref[0][0, torch.arange(len(ids) - 1), torch.tensor(ids[1:])].numpy()
+        np.testing.assert_allclose(log_probs, expected, atol=1e-5)
+        for got, want in zip(state, ref[1:], strict=True):
+            np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
+        unscored, none = await engine.feed(None, ids[:-1])
+        assert none is None
+        for got, want in zip(unscored, state, strict=True):
+            np.testing.assert_allclose(got, want, atol=1e-6)
+
+    with_engine(bundle, body, EngineConfig(max_input_tokens=4, max_new_tokens=100, max_rows=4))
+
+
+def test_park_takes_the_final_state_or_feeds_what_was_chosen(lm):
+    _, bundle = lm
+    ids = prompt(bundle, "the dog ran")
+    eos = bundle.spec.special.eos
+
+    async def body(engine):
+        start, _ = await engine.feed(None, ids[:-1])
+        finish = await engine.submit(GenerationRequest("g", [ids[-1]], DecodingParams(max_new_tokens=6),
+                                                       initial_state=start, history_ids=ids,
+                                                       return_final_state=True)).result()
+        assert finish.final_state is not None and finish.generated_ids
+        parked, chosen = await engine.park(start, ids[-1], finish)
+        assert parked is finish.final_state and chosen == finish.generated_ids
+        # Without a final state (a beam's finish), the chosen tokens are fed: the same state.
+        fed, chosen_again = await engine.park(start, ids[-1], dataclasses.replace(finish, final_state=None))
+        assert chosen_again == chosen
+        for got, want in zip(fed, parked, strict=True):
+            np.testing.assert_allclose(got, want, atol=1e-5)
+        # An <eos> the model chose belongs to the session; nothing chosen leaves the state as it was.
+        ended = dataclasses.replace(finish, reason=FinishReason.EOS, final_state=None)
+        _, with_eos = await engine.park(start, ids[-1], ended)
+        assert with_eos == [*finish.generated_ids, eos]
+        nothing = dataclasses.replace(finish, reason=FinishReason.CANCELLED, generated_ids=[], final_state=None,
+                                      last_token_id=None)
+        assert await engine.park(start, ids[-1], nothing) == (start, [])
+
+    with_engine(bundle, body)
+
+
+def test_the_engine_is_what_sessions_take_it_for(lm):
+    """ModelEngine has every member of server.sessions.port.SessionEngine, with the same parameters."""
+    _, bundle = lm
+    engine = ModelEngine(bundle, ENDLESS_CONFIG)
+    members = [name for name in vars(SessionEngine) if not name.startswith("_")]
+    members += list(SessionEngine.__annotations__)
+    expected = {"zero_state", "feed", "submit", "park", "tokenizer", "max_input_tokens", "accepting", "spec"}
+    assert expected <= set(members)
+    for name in members:
+        assert hasattr(engine, name), name
+        declared = vars(SessionEngine).get(name)
+        if inspect.isfunction(declared):
+            assert (list(inspect.signature(declared).parameters)
+                    == list(inspect.signature(getattr(ModelEngine, name)).parameters)), name
 
 
 def test_deadlines_end_queued_and_running_requests(lm):

@@ -1,5 +1,6 @@
-"""How the API takes a request's events: every ready event at once, errors after the events before them,
-and a consumer that leaves cancels the engine request (RequestStream.next_batch, servicer._ready_batches)."""
+"""server/engine/requests.py: a request's stream of events. Every ready event at once, errors after the
+events before them, one consumer, a consumer that leaves cancels the request, and the hooks a session
+generation (a RequestStream its task fills) uses: `close` and `on_end_taken`."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import asyncio
 
 import pytest
 
-from server.api.servicer import _one_at_a_time, _ready_batches
 from server.decoding import DecodingParams, FinishReason
 from server.engine.requests import FinishEvent, RequestStream, TokenEvent
 from server.errors import DeadlineExceeded
@@ -97,52 +97,6 @@ def test_a_cancelled_wait_cancels_the_request(take):
     asyncio.run(main())
 
 
-def test_ready_batches_coalesce_what_piled_up():
-    async def main():
-        s, cancelled = stream()
-        end = finish()
-        batches = _ready_batches(s)
-        s.put(token(0))
-        assert await anext(batches) == [token(0)]
-        s.put(token(1))
-        s.put(token(2))  # the consumer was away: both go together
-        assert await anext(batches) == [token(1), token(2)]
-        s.put(token(3))
-        s.fail(DeadlineExceeded("late"))
-        assert await anext(batches) == [token(3)]  # the events first, then the error
-        with pytest.raises(DeadlineExceeded):
-            await anext(batches)
-
-        s, _ = stream()
-        s.put(token(0))
-        s.put(end)
-        assert [batch async for batch in _ready_batches(s)] == [[token(0), end]]
-        assert not s.cancelled  # it finished: nothing to cancel
-
-    asyncio.run(main())
-
-
-@pytest.mark.parametrize("batches", [_ready_batches, _one_at_a_time])
-def test_a_consumer_that_leaves_cancels_the_request(batches):
-    async def main():
-        s, cancelled = stream()
-        s.put(token(0))
-        consumer = batches(s)
-        assert await anext(consumer) == [token(0)]
-        await consumer.aclose()  # the client went away
-        assert cancelled == ["cancelled"]
-
-        s, cancelled = stream()
-        waiting = asyncio.create_task(anext(batches(s)))
-        await asyncio.sleep(0)
-        waiting.cancel()  # cancelled while waiting for the engine
-        with pytest.raises(asyncio.CancelledError):
-            await waiting
-        assert cancelled == ["cancelled"]
-
-    asyncio.run(main())
-
-
 def test_a_stream_has_one_consumer_at_a_time():
     async def main():
         s, _ = stream()
@@ -152,5 +106,65 @@ def test_a_stream_has_one_consumer_at_a_time():
             await s.next_batch()
         s.put(token(0))
         assert await first == [token(0)]
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("take", ["next_batch", "iterate"])
+def test_closing_ends_the_stream_without_a_finish_and_wakes_the_consumer(take):
+    async def main():
+        s, cancelled = stream()
+        s.put(token(0))
+        s.close()
+        s.put(token(1))  # ignored: the stream ended
+        if take == "next_batch":
+            assert await s.next_batch() == [token(0)]
+            assert await s.next_batch() == []
+        else:
+            assert [event async for event in s] == [token(0)]
+
+        s, _ = stream()
+        waiting = asyncio.create_task(s.next_batch() if take == "next_batch" else s.__anext__())
+        await asyncio.sleep(0)
+        s.close()  # the producer stopped while the consumer waited
+        if take == "next_batch":
+            assert await waiting == []
+        else:
+            with pytest.raises(StopAsyncIteration):
+                await waiting
+        assert cancelled == []
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("take", ["next_batch", "iterate"])
+@pytest.mark.parametrize("ending", ["finish", "error", "close"])
+def test_on_end_taken_runs_once_when_the_consumer_took_the_end(take, ending):
+    async def main():
+        taken = []
+        s = RequestStream("r", DecodingParams(), on_end_taken=lambda: taken.append(True))
+        s.put(token(0))
+        assert await s.next_batch() == [token(0)] and taken == []  # not ended yet
+        s.put(token(1))
+        {"finish": lambda: s.put(finish()), "error": lambda: s.fail(DeadlineExceeded("late")),
+         "close": s.close}[ending]()
+        assert taken == []  # ended, but the consumer has not taken the end yet
+        received = []
+        try:
+            if take == "next_batch":
+                while batch := await s.next_batch():
+                    received += batch
+                    if ending == "finish":
+                        assert taken == [True]  # with the batch that holds the finish event
+            else:
+                async for event in s:
+                    received.append(event)
+                    if isinstance(event, FinishEvent):
+                        assert taken == [True]  # when the finish event is handed over
+        except DeadlineExceeded:
+            assert ending == "error"
+        assert received[0] == token(1)
+        assert taken == [True]
+        assert await s.next_batch() == [] and taken == [True]
 
     asyncio.run(main())
