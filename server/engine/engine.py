@@ -18,7 +18,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import NamedTuple
 
 import numpy as np
 
@@ -42,12 +41,6 @@ from server.errors import DeadlineExceeded, SeqserveError, Unavailable
 from server.metrics import Metrics
 
 logger = logging.getLogger(__name__)
-
-
-class EngineStats(NamedTuple):
-    active_rows: int
-    active_requests: int
-    queued_requests: int
 
 
 class ModelEngine:
@@ -115,13 +108,6 @@ class ModelEngine:
         """Refuse new requests from now on (Unavailable); what was submitted still runs. `stop` follows."""
         self._accepting = False
 
-    def stats(self) -> EngineStats:
-        with self._lock:
-            s = self._scheduler
-            return EngineStats(active_rows=s.active_rows,
-                               active_requests=sum(1 for e in s.active.values() if e.rows),
-                               queued_requests=s.queued)
-
     # --- entry points ---------------------------------------------------------------------------
 
     def submit(self, request: GenerationRequest | TranslationRequest) -> RequestStream:
@@ -164,10 +150,10 @@ class ModelEngine:
             raise Unavailable(f"model {self.name} v{self.version} is not serving (loading or shutting down)")
 
     def _enqueue(self, entry: Entry) -> None:
-        with self._lock:
+        with self._lock:  # counted under the lock, before the worker can plan it and count it out
             self._scheduler.add(entry)
+            self._metrics.queue_depth.inc()
             self._lock.notify()
-        self._metrics.queue_depth.inc()
 
     def _cancel(self, slot: int) -> None:
         with self._lock:
