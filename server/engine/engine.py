@@ -272,8 +272,7 @@ class ModelEngine:
         for entry in plan.withdrawn:
             self._end(entry, None)
         for entry in plan.expired:
-            request_id = getattr(entry.request, "request_id", entry.slot)
-            self._end(entry, DeadlineExceeded(f"request {request_id} passed its deadline"))
+            self._end(entry, DeadlineExceeded(f"request {entry.request_id} passed its deadline"))
         for entry in plan.drop:
             self._end(entry, result.dropped.get(entry.slot))
         for entry, state, log_probs in result.feeds:

@@ -50,6 +50,11 @@ class Entry:
     def is_feed(self) -> bool:
         return isinstance(self.request, FeedRequest)
 
+    @property
+    def request_id(self) -> str:
+        """How messages name it: the request's id, or its slot for a session's feed (which has no id)."""
+        return str(self.slot) if isinstance(self.request, FeedRequest) else self.request.request_id
+
 
 @dataclass
 class Plan:
