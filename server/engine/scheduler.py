@@ -1,7 +1,9 @@
 """Who runs at the next step: admission within the row and prefill budgets, deadlines, cancellation.
 
-The scheduler never touches ONNX Runtime. It lives on the event loop's thread; the engine asks it for
-a `Plan` between steps, so its view of the active rows always matches the batch the worker holds.
+The scheduler never touches ONNX Runtime. The engine's two threads share it under the engine's lock:
+requests are added and cancelled on the event loop's thread, and the worker asks it for a `Plan`
+between steps and frees the rows of what finished, so its view of the active rows matches the batch
+the worker holds.
 Requests are admitted first come, first served (a beam request waiting for its beam_size rows is never
 overtaken, so it cannot starve); sessions' feeds take no decode rows and have a queue of their own.
 """
