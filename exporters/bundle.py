@@ -40,7 +40,8 @@ from seqserve.bundle import (
     validate_version,
     write_manifest,
 )
-from seqserve.v1.manifest_pb2 import Manifest, ModelKind, ModelSizes, SpecialTokens
+from seqserve.bundle.spec import ModelKind
+from seqserve.v1.manifest_pb2 import Manifest, ModelSizes, SpecialTokens
 from server.bundle.loader import load_bundle  # the one arrow into the server: its loader judges a new bundle
 from training.tokenizer import special_ids
 
@@ -49,7 +50,6 @@ STAGING_PREFIX = ".staging-"  # hidden: repository scans skip names starting wit
 METRICS_FILE = "metrics.json"
 TOKENIZER_FILES = {"text": "tokenizer.json", "source": "source_tokenizer.json",
                    "target": "target_tokenizer.json"}
-_KINDS = {"lm": ModelKind.MODEL_KIND_LM, "seq2seq": ModelKind.MODEL_KIND_SEQ2SEQ}
 
 
 @dataclass(frozen=True)
@@ -198,7 +198,7 @@ def _build(src: _Source, staging: Path, name: str, version: int, options: Export
                                         encoding="utf-8")
 
     manifest = Manifest(
-        schema_version=SCHEMA_VERSION, name=name, version=version, kind=_KINDS[kind], cell=model.args.cell,
+        schema_version=SCHEMA_VERSION, name=name, version=version, kind=ModelKind(kind).to_pb(), cell=model.args.cell,
         sizes=model_sizes(model), special_tokens=src.special_tokens, tokenizers=tokenizer_files,
         graphs=graphs, opset=OPSET, onnxruntime_version=onnxruntime.__version__,
         torch_version=torch.__version__, parity=reports,

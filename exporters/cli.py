@@ -136,15 +136,15 @@ def _expected_identity(bundle: Path) -> dict:
 
 
 def summary_lines(manifest) -> list[str]:
-    from seqserve.v1.manifest_pb2 import ModelKind
+    from seqserve.bundle.spec import ModelKind
 
     s = manifest.sizes
-    kind = ModelKind.Name(manifest.kind).removeprefix("MODEL_KIND_").lower()
-    lines = [f"model: {manifest.name} v{manifest.version} ({kind}, {manifest.cell}), "
+    kind = ModelKind.from_pb(manifest.kind)
+    lines = [f"model: {manifest.name} v{manifest.version} ({kind.value}, {manifest.cell}), "
              f"schema {manifest.schema_version}"]
     sizes = (f"sizes: embedding {s.embedding_size}, hidden {s.hidden_size} x {s.num_layers} layers, "
              f"vocab {s.vocab_size}")
-    if kind == "seq2seq":
+    if kind is ModelKind.SEQ2SEQ:
         sizes += (f", source vocab {s.source_vocab_size}, "
                   f"encoder {s.encoder_hidden_size} x {s.encoder_layers}"
                   f"{' bidirectional' if s.bidirectional_encoder else ''}, attention {s.attention}, "

@@ -108,8 +108,7 @@ class OrtLanguageModel:
     def __init__(self, step: GraphRunner, prefill_graph: GraphRunner | None = None):
         self.step = step
         self.prefill_graph = prefill_graph
-        io = GraphSpec.from_pb(step.spec)  # the state shapes as the server reads them (ModelSpec)
-        self.state_shapes = [io.input(name).fixed_shape for name in io.state_inputs]
+        self.state_shapes = GraphSpec.from_pb(step.spec).state_shapes  # as the server reads them (ModelSpec)
 
     def eval(self):
         return self

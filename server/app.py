@@ -1,5 +1,5 @@
-"""Process wiring: config -> model registry + session manager -> grpc.aio server (Seqserve, health, reflection)
-+ /metrics.
+"""Process wiring: config -> model registry + session manager -> grpc.aio server (Seqserve, the Open Inference
+Protocol, health, reflection) + /metrics.
 
 Lifecycle: `start()` loads the repository and binds the ports (port 0 picks a free one; the bound ports
 are on the App and in the "serving" log line); a repository poll publishes new versions; `drain()` (on

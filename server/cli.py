@@ -1,7 +1,7 @@
 """`seqserve serve`: the gRPC server and /metrics, configured by flags, `SEQSERVE_*` variables and a TOML file.
 
 Without `--repository` (or `repository` in the config, or `SEQSERVE_REPOSITORY`) it serves `models/` in
-the working directory, where `seqserve export --repository models` publishes by default.
+the working directory, the repository `seqserve export RUN --repository models --name NAME` publishes to.
 """
 
 from __future__ import annotations

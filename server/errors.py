@@ -1,6 +1,7 @@
-"""Domain errors the engine raises; the gRPC layer maps each `code` to a status (no grpc import here).
+"""Domain errors the server raises; the gRPC layer maps each `code` to a status (no grpc import here).
 
-`code` is the name of a `grpc.StatusCode` member, so the mapping is `getattr(grpc.StatusCode, err.code)`.
+`code` is the name of a gRPC status code (`grpc.StatusCode`, `google.rpc.Code`): `server.api.status.status_of`
+answers an error with that code, its message and details.
 """
 
 from __future__ import annotations

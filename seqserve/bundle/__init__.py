@@ -1,7 +1,8 @@
 """The model bundle, the one contract between the exporters and the server.
 
 The manifest schema (`manifest`), the repository layout (`repository`: models/NAME/VERSION/), checksums
-and verification (`checksums`). This package imports neither torch nor ONNX Runtime (`lint-imports`
+and verification (`checksums`), and `ModelSpec` (`spec`), the typed view of a manifest the server reads.
+This package imports neither torch nor ONNX Runtime (`lint-imports`
 checks it): the exporters write bundles with it, the server reads them with it, and opening a bundle
 for serving (`server.bundle.load_bundle`) is the server's.
 """

@@ -87,6 +87,11 @@ class GraphSpec:
     def output_names(self) -> tuple[str, ...]:
         return tuple(t.name for t in self.outputs)
 
+    @functools.cached_property
+    def state_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """Each state input's non-batch axes, in `state_inputs` order (batch first)."""
+        return tuple(self.input(name).fixed_shape for name in self.state_inputs)
+
     def input(self, name: str) -> TensorInfo:
         for tensor in self.inputs:
             if tensor.name == name:
@@ -132,7 +137,6 @@ class ModelSpec:
         if state_role not in graphs:
             raise BundleError(f"bundle {manifest.name} v{manifest.version} has no {variant!r} {state_role!r} graph")
         state_graph = graphs[state_role]
-        state_shapes = tuple(state_graph.input(name).fixed_shape for name in state_graph.state_inputs)
         memory_size = None if kind is ModelKind.LM else state_graph.input("memory").fixed_shape[-1]
         special = manifest.special_tokens
         sizes = manifest.sizes
@@ -149,7 +153,7 @@ class ModelSpec:
             tokenizer_roles=tuple(sorted(manifest.tokenizers)),
             state_role=state_role,
             state_names=state_graph.state_inputs,
-            state_shapes=state_shapes,
+            state_shapes=state_graph.state_shapes,
             memory_size=memory_size,
             checksums=MappingProxyType(dict(sorted(manifest.sha256.items()))),
         )

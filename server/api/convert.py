@@ -16,7 +16,7 @@ import numpy as np
 
 from seqserve.v1 import service_pb2 as pb
 from seqserve.v1.manifest_pb2 import Manifest, ModelKind
-from server.decoding import DecodingParams, FinishReason
+from server.decoding import DecodingParams, FinishReason, Hypothesis
 from server.errors import InvalidArgument
 
 _STRATEGIES = {
@@ -162,12 +162,12 @@ def chunk_to_pb(token_ids: Sequence[int], text: str, first_token_index: int, voc
     return chunk
 
 
-def hypothesis_to_pb(hypothesis: Any, vocab, *, text: str | None = None, token_log_probs=None,
+def hypothesis_to_pb(hypothesis: Hypothesis, vocab, *, text: str | None = None, token_log_probs=None,
                      alternatives=None, attention=None) -> pb.Hypothesis:
-    """A decoded hypothesis (`server.decoding.Hypothesis` or one with the same fields) as a message.
+    """A decoded hypothesis as a message.
 
-    Per-token extras that a hypothesis does not carry itself (streamed log-probs, attention rows) are
-    passed alongside.
+    A `Hypothesis` carries no per-token extras: its streamed log-probs and alternatives and its attention
+    rows, when the request asked for them, are passed alongside.
     """
     tokens = [int(t) for t in hypothesis.tokens]
     message = pb.Hypothesis(
@@ -178,13 +178,10 @@ def hypothesis_to_pb(hypothesis: Any, vocab, *, text: str | None = None, token_l
         log_prob=float(hypothesis.log_prob),
         finish_reason=finish_reason_to_pb(hypothesis.finish_reason),
     )
-    token_log_probs = _first(token_log_probs, getattr(hypothesis, "token_log_probs", None))
     if token_log_probs is not None and len(token_log_probs):
         message.token_log_probs.extend(float(p) for p in token_log_probs)
-    alternatives = _first(alternatives, getattr(hypothesis, "top_alternatives", None))
     if alternatives is not None and len(alternatives):
         message.top_log_probs.extend(top_log_probs_to_pb(alternatives, vocab))
-    attention = _first(attention, getattr(hypothesis, "attention", None))
     if attention is not None and len(attention):
         message.attention.extend(pb.AttentionRow(weights=[float(w) for w in row]) for row in attention)
     return message
@@ -270,7 +267,3 @@ def _pairs(position) -> list[tuple[int, float]]:
         ids, values = position  # (ids, log_probs) arrays
         return list(zip(np.asarray(ids).tolist(), np.asarray(values).tolist(), strict=True))
     return [(int(t), float(p)) for t, p in position]
-
-
-def _first(*values):
-    return next((value for value in values if value is not None), None)

@@ -1,11 +1,11 @@
 """The Seqserve gRPC servicer: thin. Protobuf in, domain requests to the model's engine, events out.
 
-Validation and conversion live in `convert`, status codes in `errors` (this module only raises domain
-errors), a model's tokenizers and answers in `served_model`, sessions in `server.sessions`, the Converse
-multiplexing in `converse`. Streams send the
-tokens of each engine step as they come; when the client reads slower than the engine decodes, the
-tokens that piled up go out together as one TokenChunk. A cancelled or disconnected client cancels the
-engine request, so its rows leave the batch at the next step.
+Validation and conversion live in `convert`, status codes in `status`, applied by the interceptor in
+`errors` (this module only raises domain errors), a model's tokenizers and answers in `served_model`,
+sessions in `server.sessions`, the Converse multiplexing in `converse`. Streams send the tokens of each
+engine step as they come; when the client reads slower than the engine decodes, the tokens that piled up
+go out together as one TokenChunk. A cancelled or disconnected client cancels the engine request, so its
+rows leave the batch at the next step.
 """
 
 from __future__ import annotations

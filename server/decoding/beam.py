@@ -130,10 +130,6 @@ class BeamSearch:
         keep = np.array([rid not in leaving for rid in self.request_ids], dtype=bool)
         return self._keep_requests(keep)
 
-    def results(self, request_id: Hashable) -> list[Hypothesis]:
-        """The request's best finished hypotheses so far, best first."""
-        return [h for _, _, h in self._kept[self.request_ids.index(request_id)]]
-
     def step(self, log_probs: np.ndarray) -> BeamStep:
         """Advance every request by one token, given the model's log-probs [R*K, V] for its rows."""
         k, vocab = self.beam_size, self.vocab_size

@@ -7,7 +7,7 @@ each request's stream (requests.py). engine.py runs that loop on a worker thread
 """
 
 from server.engine.config import EngineConfig
-from server.engine.engine import EngineStats, ModelEngine
+from server.engine.engine import ModelEngine
 from server.engine.requests import (
     Event,
     FeedRequest,
@@ -19,6 +19,6 @@ from server.engine.requests import (
 )
 
 __all__ = [
-    "EngineConfig", "EngineStats", "Event", "FeedRequest", "FinishEvent", "GenerationRequest", "ModelEngine",
+    "EngineConfig", "Event", "FeedRequest", "FinishEvent", "GenerationRequest", "ModelEngine",
     "RequestStream", "TokenEvent", "TranslationRequest",
 ]

@@ -18,7 +18,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import NamedTuple
 
 import numpy as np
 
@@ -42,12 +41,6 @@ from server.errors import DeadlineExceeded, SeqserveError, Unavailable
 from server.metrics import Metrics
 
 logger = logging.getLogger(__name__)
-
-
-class EngineStats(NamedTuple):
-    active_rows: int
-    active_requests: int
-    queued_requests: int
 
 
 class ModelEngine:
@@ -114,13 +107,6 @@ class ModelEngine:
     def stop_accepting(self) -> None:
         """Refuse new requests from now on (Unavailable); what was submitted still runs. `stop` follows."""
         self._accepting = False
-
-    def stats(self) -> EngineStats:
-        with self._lock:
-            s = self._scheduler
-            return EngineStats(active_rows=s.active_rows,
-                               active_requests=sum(1 for e in s.active.values() if e.rows),
-                               queued_requests=s.queued)
 
     # --- entry points ---------------------------------------------------------------------------
 
@@ -214,10 +200,10 @@ class ModelEngine:
             raise Unavailable(f"model {self.name} v{self.version} is not serving (loading or shutting down)")
 
     def _enqueue(self, entry: Entry) -> None:
-        with self._lock:
+        with self._lock:  # counted under the lock, before the worker can plan it and count it out
             self._scheduler.add(entry)
+            self._metrics.queue_depth.inc()
             self._lock.notify()
-        self._metrics.queue_depth.inc()
 
     def _cancel(self, slot: int) -> None:
         with self._lock:
@@ -336,8 +322,7 @@ class ModelEngine:
         for entry in plan.withdrawn:
             self._end(entry, None)
         for entry in plan.expired:
-            request_id = getattr(entry.request, "request_id", entry.slot)
-            self._end(entry, DeadlineExceeded(f"request {request_id} passed its deadline"))
+            self._end(entry, DeadlineExceeded(f"request {entry.request_id} passed its deadline"))
         for entry in plan.drop:
             self._end(entry, result.dropped.get(entry.slot))
         for entry, state, log_probs in result.feeds:

@@ -1,4 +1,5 @@
-"""The only code that calls ONNX Runtime: batched prefill (LM), batched encode (seq2seq), one decode step.
+"""The only code that calls ONNX Runtime (with `binding`, its IO-binding path for the LM's decode step):
+batched prefill (LM), batched encode (seq2seq), one decode step.
 
 The runner never decides who runs: it gets rows and returns arrays. The engine calls it from its
 worker thread, so the asyncio loop stays responsive while a graph runs.

@@ -1,7 +1,9 @@
 """Who runs at the next step: admission within the row and prefill budgets, deadlines, cancellation.
 
-The scheduler never touches ONNX Runtime. It lives on the event loop's thread; the engine asks it for
-a `Plan` between steps, so its view of the active rows always matches the batch the worker holds.
+The scheduler never touches ONNX Runtime. The engine's two threads share it under the engine's lock:
+requests are added and cancelled on the event loop's thread, and the worker asks it for a `Plan`
+between steps and frees the rows of what finished, so its view of the active rows matches the batch
+the worker holds.
 Requests are admitted first come, first served (a beam request waiting for its beam_size rows is never
 overtaken, so it cannot starve); sessions' feeds take no decode rows and have a queue of their own.
 """
@@ -49,6 +51,11 @@ class Entry:
     @property
     def is_feed(self) -> bool:
         return isinstance(self.request, FeedRequest)
+
+    @property
+    def request_id(self) -> str:
+        """How messages name it: the request's id, or its slot for a session's feed (which has no id)."""
+        return str(self.slot) if isinstance(self.request, FeedRequest) else self.request.request_id
 
 
 @dataclass

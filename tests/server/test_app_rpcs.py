@@ -331,8 +331,11 @@ def test_a_slow_reader_gets_coalesced_chunks(server):
     assert "".join(c.text for c in chunks) == done.text
 
 
-def _active_rows(server) -> int:
-    return sum(engine.stats().active_rows for engine in server.app.registry.engines())
+def _active_rows(server) -> float:
+    """Rows in use on every model, from the engines' gauges (set on their worker threads; one per model name)."""
+    registry = server.app.metrics.registry
+    return sum(registry.get_sample_value("seqserve_active_rows", {"model": name})
+               for name in {engine.name for engine in server.app.registry.engines()})
 
 
 def _metric(server, name: str, **labels: str) -> float:

@@ -92,11 +92,12 @@ def test_leave_returns_the_rows_to_keep():
     assert beams.request_ids == ["x", "z"] and beams.num_rows == 6
 
 
-def test_results_so_far_and_argument_checks():
+def test_hypotheses_finished_so_far_and_argument_checks():
     beams = BeamSearch(2, 4, EOS)
     beams.join(["r"], [beam_params(max_new_tokens=4, n_best=2)])
-    beams.step(np.log([[0.1, 0.2, 0.3, 0.4], [0.25] * 4]))
-    assert [h.tokens for h in beams.results("r")] == [[]]
+    step = beams.step(np.log([[0.1, 0.2, 0.3, 0.4], [0.25] * 4]))
+    # The first step finishes the empty hypothesis, the only one so far; "r" wants two and goes on.
+    assert [(rid, h.tokens) for rid, h in step.finished] == [("r", [])] and step.done == {}
     with pytest.raises(ValueError, match="log_probs"):
         beams.step(np.zeros((3, 4)))
     with pytest.raises(ValueError, match="beam_size=2"):
