@@ -57,8 +57,8 @@ def build_bundle(directory: Path) -> Path:
 
     from exporters.bundle import TOKENIZER_FILES, model_sizes, special_tokens
     from exporters.onnx_graphs import OPSET, export_graphs
+    from seqserve.bundle import sha256_file, write_manifest
     from seqserve.v1.manifest_pb2 import Manifest, ModelKind
-    from server.bundle import sha256_file, write_manifest
     from training.models import LanguageModel, LMArgs
     from training.tokenizer import train_tokenizer
 

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from seqserve.bundle import scan_repository
 from seqserve.bundle.spec import ModelSpec
-from server.bundle import CPU_PROVIDER, DEFAULT_VARIANT, load_bundle, scan_repository
+from server.bundle import CPU_PROVIDER, DEFAULT_VARIANT, load_bundle
 from server.bundle.sessions import ProviderSpec
 from server.engine import EngineConfig, ModelEngine
 from server.errors import NotFound, Unavailable

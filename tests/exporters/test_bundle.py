@@ -14,8 +14,9 @@ import exporters.bundle as bundle_module
 from exporters import ExportError
 from exporters.bundle import ExportOptions, export_run, next_version
 from exporters.parity import ParitySettings, Thresholds, check_parity, ort_model_from_bundle, real_sequences
+from seqserve.bundle import BundleError, scan_repository, sha256_file
 from seqserve.v1.manifest_pb2 import ModelKind
-from server.bundle import BundleError, load_bundle, scan_repository, sha256_file
+from server.bundle import load_bundle
 from training.checkpoint import (
     config_from_checkpoint,
     find_checkpoint,
@@ -199,7 +200,7 @@ def test_a_corrupted_published_bundle_is_refused_naming_the_file(tiny_runs, tmp_
 
 def test_an_lm_bundle_without_a_prefill_graph_still_loads_and_serves(tiny_runs, tmp_path):
     """Bundles published before prefill.onnx existed: step only; the runner prefills through step."""
-    from server.bundle import read_manifest, write_manifest
+    from seqserve.bundle import read_manifest, write_manifest
     from server.engine.runner import Runner
 
     result = export_run(tiny_runs["lstm", "lm"], tmp_path / "models", "lm", options=SMALL)

@@ -18,11 +18,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exporters.bundle import ExportOptions, export_run
 from exporters.parity import ParitySettings
+from seqserve.bundle import read_manifest
 from seqserve.v1 import service_pb2 as pb
 from seqserve.v1 import service_pb2_grpc as pb_grpc
 from seqserve.v1.manifest_pb2 import ModelKind
 from server.app import ServerThread
-from server.bundle import read_manifest
 from server.config import ServerConfig
 from training.batching import BOS, EOS, make_pair_batch
 from training.checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint, tokenizers_from_checkpoint

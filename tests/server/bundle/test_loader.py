@@ -13,15 +13,9 @@ onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 
+from seqserve.bundle import BundleError, read_manifest, sha256_file, verify_bundle, write_manifest  # noqa: E402
 from seqserve.v1.manifest_pb2 import Graph, Manifest, ModelKind, ParityReport, TensorSpec  # noqa: E402
-from server.bundle import (  # noqa: E402
-    BundleError,
-    load_bundle,
-    read_manifest,
-    sha256_file,
-    verify_bundle,
-    write_manifest,
-)
+from server.bundle import load_bundle  # noqa: E402
 
 VOCAB = ["<pad>", "<bos>", "<eos>", "<unk>", "a", "b", "c"]
 LAYERS, HIDDEN = 1, 4

@@ -8,8 +8,9 @@ import torch
 
 from exporters.bundle import TOKENIZER_FILES, model_sizes, special_tokens
 from exporters.onnx_graphs import OPSET, export_graphs
+from seqserve.bundle import sha256_file, write_manifest
 from seqserve.v1.manifest_pb2 import Manifest, ModelKind
-from server.bundle import load_bundle, sha256_file, write_manifest
+from server.bundle import load_bundle
 from training.models import LanguageModel, LMArgs
 from training.tokenizer import train_tokenizer
 
