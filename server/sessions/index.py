@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from server.metrics import Metrics
 from server.sessions.ordering import SessionLine
@@ -112,25 +112,23 @@ class SessionIndex:
     def due(self, now: float) -> Iterator[str]:
         """The sessions idle past their TTL at `now` with nothing in progress (for the caller to end, as it
         goes: each is yielded while still indexed). A busy session is looked at again a TTL later."""
-        heap = self._expiry
-        while heap and heap[0][0] <= now:
-            _, session_id = heapq.heappop(heap)
-            live = self._live.get(session_id)
-            if live is None:
-                continue
-            if live.line.busy:  # never in the middle of an operation
-                heapq.heappush(heap, (now + live.ttl_seconds, session_id))
-            elif live.expires_at > now:  # used since this entry was pushed
-                heapq.heappush(heap, (live.expires_at, session_id))
-            else:
-                yield session_id
-        if len(heap) > 2 * len(self._live) + 1024:  # entries of ended sessions pile up: rebuild
+        for session_id, _ in self._idle_past_ttl(
+                now, lambda live: now + live.ttl_seconds if live.line.busy else live.expires_at):
+            yield session_id
+        if len(self._expiry) > 2 * len(self._live) + 1024:  # entries of ended sessions pile up: rebuild
             self._expiry = [(live.expires_at, sid) for sid, live in self._live.items()]
             heapq.heapify(self._expiry)
 
     def unindex_idle(self, now: float) -> None:
         """Drop (without ending them) the sessions idle here past their TTL: with a shared store another
         replica may be using them (the store says, when one comes back here) or have ended them."""
+        for session_id, live in self._idle_past_ttl(now, lambda live: max(live.expires_at, now + 1.0)):
+            del self._live[session_id]
+            self._unindexed(live)
+
+    def _idle_past_ttl(self, now: float, look_again_at: Callable[[Live], float]) -> Iterator[tuple[str, Live]]:
+        """Pop the deadline heap up to `now`: the idle sessions past their TTL, each yielded once; a busy one
+        or one used since its entry was pushed goes back in, at `look_again_at(live)`."""
         heap = self._expiry
         while heap and heap[0][0] <= now:
             _, session_id = heapq.heappop(heap)
@@ -138,10 +136,9 @@ class SessionIndex:
             if live is None:
                 continue
             if live.line.busy or live.expires_at > now:
-                heapq.heappush(heap, (max(live.expires_at, now + 1.0), session_id))
+                heapq.heappush(heap, (look_again_at(live), session_id))
                 continue
-            del self._live[session_id]
-            self._unindexed(live)
+            yield session_id, live
 
     def why(self, reason: str, session) -> str:
         """What NOT_FOUND says of a session that ended for `reason` (`session`: its record or index entry)."""

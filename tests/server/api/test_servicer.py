@@ -6,25 +6,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from request_events import finish, stream, token
 
 from server.api.servicer import _one_at_a_time, _ready_batches
-from server.decoding import DecodingParams, FinishReason
-from server.engine.requests import FinishEvent, RequestStream, TokenEvent
 from server.errors import DeadlineExceeded
-
-
-def token(i: int) -> TokenEvent:
-    return TokenEvent(token_ids=[i], log_probs=None, top_alternatives=None, text=f"t{i}")
-
-
-def finish() -> FinishEvent:
-    return FinishEvent(reason=FinishReason.LENGTH, hypotheses=[], text="", generated_ids=[], final_state=None,
-                       prompt_tokens=1)
-
-
-def stream() -> tuple[RequestStream, list[str]]:
-    cancelled = []
-    return RequestStream("r", DecodingParams(), on_cancel=lambda: cancelled.append("cancelled")), cancelled
 
 
 def test_ready_batches_coalesce_what_piled_up():

@@ -105,6 +105,16 @@ def prompt(bundle, text):
     return [BOS, *bundle.tokenizer("text").encode(text).ids]
 
 
+def assert_fed_as_pytorch(model, ids, state, log_probs):
+    """`state` and `log_probs` are what feeding ids[:-1] (then scoring ids[-1]) gives in PyTorch."""
+    with torch.no_grad():
+        ref = model(torch.tensor([ids[:-1]]), torch.tensor([len(ids) - 1]), *model.initial_state(1))
+    expected = ref[0][0, torch.arange(len(ids) - 1), torch.tensor(ids[1:])].numpy()
+    np.testing.assert_allclose(log_probs, expected, atol=1e-5)
+    for got, want in zip(state, ref[1:], strict=True):
+        np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
+
+
 def test_stop_strings_never_reach_the_client(lm):
     _, bundle = lm
     sampled = DecodingParams(strategy="sample", seed=42, max_new_tokens=60)
@@ -223,14 +233,9 @@ def test_a_feed_longer_than_the_input_limit_goes_in_pieces(lm):
     ids = prompt(bundle, "the dog ran under the mat and the cat sat")
     assert len(ids) > 3 * 4
 
-    async def body(engine):  # 4 tokens per piece: the feed below is four pieces, each after the one before
+    async def body(engine):  # 4 tokens per piece: the feed below is several pieces, each after the one before
         state, log_probs = await engine.feed(None, ids[:-1], want_log_probs=True, next_token_id=ids[-1])
-        with torch.no_grad():
-            ref = model(torch.tensor([ids[:-1]]), torch.tensor([len(ids) - 1]), *model.initial_state(1))
-        expected = ref[0][0, torch.arange(len(ids) - 1), torch.tensor(ids[1:])].numpy()
-        np.testing.assert_allclose(log_probs, expected, atol=1e-5)
-        for got, want in zip(state, ref[1:], strict=True):
-            np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
+        assert_fed_as_pytorch(model, ids, state, log_probs)
         unscored, none = await engine.feed(None, ids[:-1])
         assert none is None
         for got, want in zip(unscored, state, strict=True):
@@ -313,12 +318,7 @@ def test_feed_and_session_continuation_match_pytorch(lm):
                                                   DecodingParams(max_new_tokens=8))) for i in range(3)]
         state, log_probs = await engine.feed(None, ids[:-1], want_log_probs=True, next_token_id=ids[-1])
         await asyncio.gather(*(o.result() for o in others))
-        with torch.no_grad():
-            ref = model(torch.tensor([ids[:-1]]), torch.tensor([len(ids) - 1]), *model.initial_state(1))
-        expected = ref[0][0, torch.arange(len(ids) - 1), torch.tensor(ids[1:])].numpy()
-        np.testing.assert_allclose(log_probs, expected, atol=1e-5)
-        for got, want in zip(state, ref[1:], strict=True):
-            np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
+        assert_fed_as_pytorch(model, ids, state, log_probs)
 
         # A session's continuation from the fed state equals one generation from the whole prompt.
         greedy = DecodingParams(max_new_tokens=20)

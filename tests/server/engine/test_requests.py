@@ -7,24 +7,11 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from request_events import finish, stream, token
 
-from server.decoding import DecodingParams, FinishReason
-from server.engine.requests import FinishEvent, RequestStream, TokenEvent
+from server.decoding import DecodingParams
+from server.engine.requests import FinishEvent, RequestStream
 from server.errors import DeadlineExceeded
-
-
-def token(i: int) -> TokenEvent:
-    return TokenEvent(token_ids=[i], log_probs=None, top_alternatives=None, text=f"t{i}")
-
-
-def finish() -> FinishEvent:
-    return FinishEvent(reason=FinishReason.LENGTH, hypotheses=[], text="", generated_ids=[], final_state=None,
-                       prompt_tokens=1)
-
-
-def stream() -> tuple[RequestStream, list[str]]:
-    cancelled = []
-    return RequestStream("r", DecodingParams(), on_cancel=lambda: cancelled.append("cancelled")), cancelled
 
 
 def test_next_batch_takes_every_ready_event_then_ends():
