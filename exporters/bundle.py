@@ -40,13 +40,13 @@ from seqserve.bundle import (
     validate_version,
     write_manifest,
 )
+from seqserve.bundle.repository import STAGING_PREFIX
 from seqserve.bundle.spec import ModelKind
 from seqserve.v1.manifest_pb2 import Manifest, ModelSizes, SpecialTokens
 from server.bundle.loader import load_bundle  # the one arrow into the server: its loader judges a new bundle
 from training.tokenizer import special_ids
 
 SCHEMA_VERSION = 1
-STAGING_PREFIX = ".staging-"  # hidden: repository scans skip names starting with "."
 METRICS_FILE = "metrics.json"
 TOKENIZER_FILES = {"text": "tokenizer.json", "source": "source_tokenizer.json",
                    "target": "target_tokenizer.json"}

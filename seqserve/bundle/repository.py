@@ -17,6 +17,9 @@ from seqserve.bundle.manifest import validate_name, validate_version
 
 logger = logging.getLogger(__name__)
 
+HIDDEN_PREFIX = "."  # names a scan skips
+STAGING_PREFIX = HIDDEN_PREFIX + "staging-"  # where an exporter writes a bundle before renaming it into place
+
 Repository = dict[str, dict[int, Path]]
 
 
@@ -84,7 +87,7 @@ def resolve_version(
 
 
 def _is_candidate(path: Path) -> bool:
-    if path.name.startswith("."):
+    if path.name.startswith(HIDDEN_PREFIX):
         logger.debug("skipping hidden %s in the model repository", path)
         return False
     return path.is_dir()

@@ -1,4 +1,4 @@
-"""Moving a session by hand: ExportSession's bytes, ImportSession's checks, and a bundle's identity.
+"""Moving a session by hand: ExportSession's bytes and ImportSession's checks of them.
 
 The bytes are `SQSX`, a format version, a flags byte, the record (`SessionRecord.to_bytes`: state,
 history, model name, version, bundle checksum, times) and, when the server has a `session_signing_key`,
@@ -19,11 +19,6 @@ FORMAT_VERSION = 1
 SIGNED = 1
 _HEADER = struct.Struct("<4sHB")
 _TAG_BYTES = 32
-
-
-def bundle_checksum(bundle) -> str:
-    """A bundle's identity: SHA-256 over its files' checksums (from the manifest), 16 hex digits."""
-    return bundle.spec.identity
 
 
 def pack(record: SessionRecord, key: bytes | None) -> bytes:

@@ -14,6 +14,7 @@ from seqserve.bundle import (
     resolve_version,
     scan_repository,
 )
+from seqserve.bundle.repository import STAGING_PREFIX
 
 
 def _make(root: Path, *relative: str) -> None:
@@ -33,6 +34,7 @@ def test_scan_sees_valid_names_and_versions_only(tmp_path: Path) -> None:
         "g2p-en/0",  # not canonical positive integers
         "fortunes.lm/4",
         ".staging/1",
+        f"{STAGING_PREFIX}g2p-en-3-abc/1",  # where the exporter writes a bundle before it publishes it
         "Upper/1",
         "no-versions/notes",
     )
