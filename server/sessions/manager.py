@@ -240,10 +240,10 @@ class SessionManager:
                 engine, (tokens, state, scores) = await self.on_engine(record, advance)
                 vocab = engine.tokenizer("text")
                 tokens_consumed = record.tokens_consumed + len(tokens)
+                log_probs = None if not want_log_probs else [] if scores is None else [float(p) for p in scores]
                 result = FeedResult(len(tokens), tokens_consumed, list(tokens),
                                     [vocab.id_to_token(t) or "" for t in tokens] if want_log_probs else [],
-                                    [float(p) for p in scores] if want_log_probs and tokens else
-                                    [] if want_log_probs else None)
+                                    log_probs)
                 if tokens:
                     record = record.advanced(state, tokens, self.clock(), self.limits.history_tokens)
                 elif not request_id:
