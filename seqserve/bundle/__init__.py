@@ -2,9 +2,9 @@
 
 The manifest schema (`manifest`), the repository layout (`repository`: models/NAME/VERSION/), checksums
 and verification (`checksums`), and `ModelSpec` (`spec`), the typed view of a manifest the server reads.
-This package imports neither torch nor ONNX Runtime (`lint-imports`
-checks it): the exporters write bundles with it, the server reads them with it, and opening a bundle
-for serving (`server.bundle.load_bundle`) is the server's.
+This package imports neither torch nor ONNX Runtime (`lint-imports` checks it): the exporters write
+bundles with it, the server reads them with it, and opening a bundle for serving
+(`server.bundle.load_bundle`) is the server's.
 """
 
 from seqserve.bundle.checksums import sha256_file, verify_bundle
