@@ -12,6 +12,7 @@ session), `sequence_end` closes it. Errors are the native domain errors; `Status
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import OrderedDict
@@ -27,6 +28,7 @@ from seqserve.v1.manifest_pb2 import ModelKind
 from server.api import inference_convert as tensors
 from server.api.convert import RequestLimits
 from server.api.errors import request_id_var
+from server.api.multiplex import multiplex
 from server.api.served_model import ServedModel
 from server.api.status import status_of
 from server.decoding import FinishReason
@@ -39,7 +41,6 @@ logger = logging.getLogger(__name__)
 # Protocol extensions this server implements (ServerMetadata): model_repository is left out because
 # RepositoryModelLoad / Unload are not served (the repository is polled instead).
 EXTENSIONS = ("model_configuration", "sequence", "parameters", "statistics")
-MAX_PENDING = 256  # requests of one ModelStreamInfer stream running at once
 MAX_SEQUENCES = 100_000  # sequence ids remembered (the sessions behind them end by TTL and LRU anyway)
 _SEQ2SEQ_OUTPUTS = (tensors.TEXT, tensors.SCORE)
 _LM_OUTPUTS = (tensors.TEXT,)
@@ -188,56 +189,22 @@ class InferenceServicer:
         """Every request runs as it arrives (a sequence's requests one after another, in order); a failed
         request is answered with error_message and the stream goes on."""
         deadline = _deadline(context)
-        answers: asyncio.Queue = asyncio.Queue()
-        room = asyncio.Semaphore(MAX_PENDING)
-        running: set[asyncio.Task] = set()
-        unfinished = [0]  # requests started and not yet answered in full
-        done = object()
 
-        async def run(request) -> None:
+        async def answer(request, put) -> None:
             try:
                 async for response in self._infer(request, deadline, streaming=True):
-                    answers.put_nowait(oip.ModelStreamInferResponse(infer_response=response))
+                    put(oip.ModelStreamInferResponse(infer_response=response))
             except Exception as error:  # noqa: BLE001 - answered on the stream, which goes on
                 if not isinstance(error, SeqserveError) or error.code in ("INTERNAL", "UNKNOWN"):
                     logger.error("ModelStreamInfer request %r failed", request.id, exc_info=error)
                 status = status_of(error)
-                answers.put_nowait(oip.ModelStreamInferResponse(
+                put(oip.ModelStreamInferResponse(
                     error_message=f"[StatusCode.{status.code.name}] {status.details}",
                     infer_response=oip.ModelInferResponse(model_name=request.model_name, id=request.id)))
-            finally:
-                room.release()
-                unfinished[0] -= 1
-                answers.put_nowait(done)
 
-        async def read() -> None:
-            try:
-                async for request in requests:
-                    await room.acquire()
-                    unfinished[0] += 1
-                    task = asyncio.create_task(run(request), name=f"ModelStreamInfer {request.id}")
-                    running.add(task)
-                    task.add_done_callback(running.discard)
-            except Exception as error:  # noqa: BLE001 - a request that did not parse ends the stream
-                answers.put_nowait(error)
-            finally:
-                answers.put_nowait(None)
-
-        reader = asyncio.create_task(read(), name="ModelStreamInfer reader")
-        reading = True
-        try:
-            while reading or unfinished[0]:
-                item = await answers.get()
-                if item is None:
-                    reading = False
-                elif isinstance(item, BaseException):
-                    raise item
-                elif item is not done:
-                    yield item
-        finally:
-            reader.cancel()
-            for task in list(running):
-                task.cancel()
+        async for response in multiplex(requests, lambda request: functools.partial(answer, request),
+                                        lambda request: f"ModelStreamInfer {request.id}"):
+            yield response
 
     async def _infer(self, request, deadline: float | None, *, streaming: bool) -> AsyncIterator:
         """The responses of one inference request (one, or a generation's chunks and then its last)."""
