@@ -33,16 +33,17 @@ class RedisServer:
         import redis
 
         client = redis.Redis(port=self.port)
-        for _ in range(200):
+        give_up = time.monotonic() + 120  # only a broken set-up takes this long: redis answers in milliseconds
+        while True:
             try:
                 client.ping()
                 break
             except redis.ConnectionError:
                 if self.process.poll() is not None:
                     raise RuntimeError(f"redis-server exited: {self.process.stderr.read().decode()}") from None
+                if time.monotonic() > give_up:
+                    raise RuntimeError("redis-server did not answer PING in 120 s") from None
                 time.sleep(0.05)
-        else:
-            raise RuntimeError("redis-server did not answer PING")
         self.client = client
 
     def flush(self) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 import grpc
 import pytest
@@ -65,8 +64,15 @@ class Gate:
         self.active -= 1
 
 
-def serve_and_call(calls, *, token="", gate=None):
-    """Run `calls(channel)` against a fresh server; return (its result, observed calls)."""
+# The deadline of a call that must pass while the server holds it: long enough that the call surely reaches
+# the server first, however loaded the machine (the test waits for the deadline, so no machine is too fast).
+HELD_CALL_DEADLINE = 3.0
+
+
+def serve_and_call(calls, *, token="", gate=None, observed_calls=0):
+    """Run `calls(channel)` against a fresh server; return (its result, observed calls). With
+    `observed_calls`, the server runs until it has observed that many (its side of a call may end after
+    the client's)."""
     observed = []
 
     async def main():
@@ -77,7 +83,10 @@ def serve_and_call(calls, *, token="", gate=None):
         await server.start()
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                return await calls(channel)
+                result = await calls(channel)
+            while len(observed) < observed_calls:
+                await asyncio.sleep(0.01)
+            return result
         finally:
             await server.stop(None)
 
@@ -253,20 +262,13 @@ def test_a_deadline_that_passes_before_the_call_starts_is_deadline_exceeded_not_
 
     async def calls(channel):
         stub = pb_grpc.SeqserveStub(channel)
-        codes = []
-        for call in (lambda: stub.ListModels(pb.ListModelsRequest(), timeout=0.5),
-                     lambda: _drain(stub.Generate(pb.GenerateRequest(model="x"), timeout=0.5))):
-            with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await call()
-            codes.append(caught.value.code())
-        return codes
+        errors = await asyncio.gather(
+            _error_of(stub.ListModels(pb.ListModelsRequest(), timeout=HELD_CALL_DEADLINE)),
+            _error_of(_drain(stub.Generate(pb.GenerateRequest(model="x"), timeout=HELD_CALL_DEADLINE))))
+        return [error.code() for error in errors]
 
     with caplog.at_level(logging.INFO, logger="server.api.errors"):
-        codes, observed = serve_and_call(calls)
-        for _ in range(100):  # the server's side of the second call may end after the client's
-            if len(observed) == 2:
-                break
-            time.sleep(0.01)
+        codes, observed = serve_and_call(calls, observed_calls=2)
     assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * 2
     assert [call[2] for call in observed] == ["DEADLINE_EXCEEDED", "DEADLINE_EXCEEDED"]
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
@@ -298,13 +300,9 @@ def test_a_call_ended_before_its_handler_starts_is_counted_once(monkeypatch):
     async def calls(channel):
         stub = pb_grpc.SeqserveStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await _drain(stub.Generate(pb.GenerateRequest(model="x"), timeout=0.5))
+            await _drain(stub.Generate(pb.GenerateRequest(model="x"), timeout=HELD_CALL_DEADLINE))
         return caught.value.code()
 
-    code, observed = serve_and_call(calls)
-    for _ in range(100):
-        if observed:
-            break
-        time.sleep(0.01)
+    code, observed = serve_and_call(calls, observed_calls=1)
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert [call[:3] for call in observed] == [("Generate", "", "DEADLINE_EXCEEDED")]
