@@ -15,7 +15,6 @@ import itertools
 import os
 import random
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
+from bench.services import free_port
 from seqserve.v1 import service_pb2 as pb
 from seqserve.v1 import service_pb2_grpc as pb_grpc
 
@@ -256,12 +256,6 @@ def corpus_prompts(path: str, tokens: int, count: int = 64, seed: int = 0, unit:
 
 
 # --- the servers under test, each in its own process -------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @dataclass
 class ServerProcess:

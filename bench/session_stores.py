@@ -12,86 +12,15 @@ Run through `python bench/sessions.py --stores memory,sqlite,redis`.
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import random
-import shutil
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
+from bench.services import RedisServer, ServeProcess
+
 STORES = ("memory", "sqlite", "redis")
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class _Redis:
-    def __init__(self, directory: Path):
-        import redis
-
-        self.port = _free_port()
-        self.process = subprocess.Popen(
-            [shutil.which("redis-server") or "/usr/bin/redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-             "--dir", str(directory), "--save", "", "--appendonly", "yes", "--appendfsync", "always"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.client = redis.Redis(port=self.port)
-        for _ in range(200):
-            try:
-                self.client.ping()
-                return
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self) -> None:
-        self.client.close()
-        self.process.terminate()
-        self.process.wait(timeout=10)
-
-
-class _Server:
-    """`seqserve serve` on `store`, in a process of its own (the bench's client runs in this one)."""
-
-    def __init__(self, repository: Path, store: str, threads: int, cwd: Path):
-        env = {**os.environ, "SEQSERVE_INTRA_OP_THREADS": str(threads), "SEQSERVE_POLL_INTERVAL_SECONDS": "0",
-               "SEQSERVE_METRICS_PORT": "-1", "SEQSERVE_LOG_FORMAT": "json", "SEQSERVE_LOG_LEVEL": "info",
-               "SEQSERVE_MAX_SESSIONS": "100000"}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "seqserve.cli", "serve", "--repository", str(repository), "--port", "0",
-             "--session-store", store], env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            text=True)
-        self.port = None
-        ready = threading.Event()
-
-        def read() -> None:
-            for line in self.process.stderr:
-                try:
-                    entry = json.loads(line)
-                except ValueError:
-                    continue
-                if entry.get("event") == "serving":
-                    self.port = entry["grpc_port"]
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        ready.wait(300)
-        if self.port is None:
-            raise RuntimeError(f"seqserve serve on {store} did not start")
-
-    def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        self.process.wait(timeout=60)
 
 
 def _percentile(samples: list[float], q: float) -> float:
@@ -147,7 +76,7 @@ async def _mix(target: str, model: str, words: list[str], sessions: int, rounds:
     return result
 
 
-def _stored_bytes(store: str, directory: Path, redis: _Redis | None, target: str, model: str, count: int) -> float:
+def _stored_bytes(store: str, directory: Path, redis: RedisServer | None, target: str, model: str, count: int) -> float:
     """Bytes the store holds per session, from `count` sessions left open (each with a short text)."""
     import grpc
 
@@ -187,10 +116,12 @@ def compare(repository: Path, model: str, words: list[str], *, stores=STORES, se
                 directory = root / store
                 directory.mkdir()
                 if store == "redis":
-                    redis = _Redis(directory)
+                    redis = RedisServer(directory)
                 url = {"memory": "memory", "sqlite": f"sqlite:{directory}/sessions.db",
-                       "redis": f"redis://127.0.0.1:{redis.port}/0" if redis else ""}[store]
-                servers[store] = _Server(repository, url, threads, directory)
+                       "redis": redis.url if redis else ""}[store]
+                servers[store] = ServeProcess(repository, session_store=url, cwd=directory, timeout=300, env={
+                    "SEQSERVE_INTRA_OP_THREADS": str(threads), "SEQSERVE_LOG_LEVEL": "info",
+                    "SEQSERVE_MAX_SESSIONS": "100000"})
             runs: dict[str, list[dict]] = {store: [] for store in stores}
             for server in servers.values():  # warm-up
                 asyncio.run(_mix(f"127.0.0.1:{server.port}", model, words, 4, 1, feed_words, new_tokens, seed + 999))

@@ -7,7 +7,8 @@ import random
 from pathlib import Path
 
 import pytest
-from live_services import RedisServer
+
+from bench.services import RedisServer
 
 CELLS = ("lstm", "gru", "rnn")
 KINDS = ("lm", "seq2seq")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from concurrent import futures
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.services import free_port
 from server.config import ENV_PREFIX, ServerConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -167,10 +167,7 @@ def test_healthcheck_exits_0_only_while_serving(health_server):
 
 
 def test_healthcheck_fails_when_nothing_listens():
-    with socket.socket() as probe:  # a port that was free a moment ago
-        probe.bind(("127.0.0.1", 0))
-        free = probe.getsockname()[1]
-    result = run_healthcheck(f"127.0.0.1:{free}")
+    result = run_healthcheck(f"127.0.0.1:{free_port()}")  # a port that was free a moment ago
     assert result.returncode == 1 and "UNAVAILABLE" in result.stdout, result.stdout + result.stderr
 
 

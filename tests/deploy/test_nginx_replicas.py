@@ -14,8 +14,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from live_services import ServeProcess, free_port
 
+from bench.services import ServeProcess, free_port
 from exporters.bundle import ExportOptions, export_run
 from exporters.parity import ParitySettings
 from seqserve.v1 import service_pb2 as pb

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -17,6 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from bench.services import free_port
 from exporters.bundle import ExportOptions, export_run
 from exporters.parity import ParitySettings
 from seqserve.v1 import service_pb2 as pb
@@ -27,12 +27,6 @@ from server.config import ServerConfig
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "dashboards" / "seqserve.json"
 SMALL_EXPORT = ExportOptions(eval_limit=10, real_inputs=40,
                              parity=ParitySettings(greedy_inputs=5, beam_inputs=2, max_new_tokens=10))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,8 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from live_services import ServeProcess
 
+from bench.services import ServeProcess
 from exporters.bundle import ExportOptions, export_run
 from exporters.parity import ParitySettings
 from seqserve.v1 import service_pb2 as pb

@@ -148,8 +148,7 @@ def test_a_session_of_another_bundle_is_refused_naming_it(lm_repository, store_u
 
 
 def test_store_calls_are_timed_and_a_store_gone_away_is_unavailable(lm_repository, tmp_path):
-    from live_services import RedisServer
-
+    from bench.services import RedisServer
     from server.errors import Unavailable
 
     redis = RedisServer(tmp_path)

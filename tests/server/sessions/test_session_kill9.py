@@ -15,8 +15,8 @@ import uuid
 import grpc
 import pytest
 import torch
-from live_services import ServeProcess
 
+from bench.services import ServeProcess
 from seqserve.v1 import service_pb2 as pb
 from seqserve.v1 import service_pb2_grpc as pb_grpc
 from training.batching import BOS, EOS

@@ -13,8 +13,8 @@ import uuid
 
 import grpc
 import pytest
-from live_services import ServeProcess
 
+from bench.services import ServeProcess
 from seqserve.v1 import service_pb2 as pb
 from seqserve.v1 import service_pb2_grpc as pb_grpc
 

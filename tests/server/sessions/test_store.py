@@ -14,6 +14,7 @@ import sys
 import numpy as np
 import pytest
 
+from bench.services import free_port
 from server.sessions.record import SessionRecord
 from server.sessions.store import InMemorySessionStore, StoreConflict, StoreUnavailable, open_store
 
@@ -141,11 +142,7 @@ def test_a_sqlite_path_that_is_a_directory_is_a_start_up_error(tmp_path):
 
 
 def test_an_unreachable_redis_is_a_start_up_error_naming_the_setting():
-    import socket
-
-    with socket.socket() as probe:  # a port nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # a port nothing listens on
 
     async def body():
         store = open_store(f"redis://127.0.0.1:{port}/0")
@@ -165,7 +162,6 @@ def test_bad_urls_are_refused_naming_the_setting():
 
 def test_serve_refuses_a_bad_or_unreachable_store_at_start_up_naming_the_setting(lm_repository, capsys):
     import logging
-    import socket
 
     from server.cli import EXIT_CONFIG, EXIT_STARTUP, serve_main
 
@@ -173,9 +169,7 @@ def test_serve_refuses_a_bad_or_unreachable_store_at_start_up_naming_the_setting
     assert serve_main([*common, "--session-store", "postgres://db/x"]) == EXIT_CONFIG
     assert "session_store must be memory, sqlite:PATH or redis://HOST:PORT[/DB], got 'postgres://db/x'" in \
         capsys.readouterr().err
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # a port nothing listens on
     try:
         assert serve_main([*common, "--session-store", f"redis://127.0.0.1:{port}/0"]) == EXIT_STARTUP
     finally:

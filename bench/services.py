@@ -1,14 +1,21 @@
-"""Real services the tests start for themselves: redis-server, nginx, `seqserve serve` processes."""
+"""Real services that tests and benchmarks start for themselves: redis-server and `seqserve serve` processes."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 
 def free_port() -> int:
     """A TCP port nothing listens on now (the OS's pick for port 0)."""
-    import socket
-
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -19,10 +26,6 @@ class RedisServer:
     the AOF on and `appendfsync always`, as compose runs it."""
 
     def __init__(self, directory: Path):
-        import shutil
-        import subprocess
-        import time
-
         binary = shutil.which("redis-server") or "/usr/bin/redis-server"
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
@@ -61,12 +64,6 @@ class ServeProcess:
 
     def __init__(self, repository: Path, *, session_store: str, env: dict | None = None, cwd: Path | None = None,
                  port: int = 0, timeout: float = 120.0):
-        import json
-        import os
-        import subprocess
-        import sys
-        import threading
-
         settings = {**os.environ, "SEQSERVE_INTRA_OP_THREADS": "1", "SEQSERVE_POLL_INTERVAL_SECONDS": "0",
                     "SEQSERVE_METRICS_PORT": "-1", "SEQSERVE_LOG_FORMAT": "json", **(env or {})}
         self.process = subprocess.Popen(
@@ -102,8 +99,6 @@ class ServeProcess:
 
     def events(self) -> list[dict]:
         """Its JSON log entries so far; every one of them once the process has ended."""
-        import json
-
         if self.process.poll() is not None:
             self._reader.join(timeout=10)
         entries = []
@@ -116,15 +111,11 @@ class ServeProcess:
 
     def kill(self) -> None:
         """SIGKILL: no drain, no flush, nothing the process could still do."""
-        import signal
-
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL)
         self.process.wait(timeout=30)
 
     def stop(self) -> None:
-        import signal
-
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
