@@ -43,7 +43,8 @@ from server.errors import Unavailable
 from server.metrics import Metrics
 from server.registry import ModelRegistry
 from server.sessions import SessionLimits, SessionManager
-from server.sessions.store import StoreUnavailable, open_store
+from server.sessions.store import StoreUnavailable
+from server.sessions.stores import open_store
 
 logger = logging.getLogger("server.app")
 

@@ -30,9 +30,9 @@ import numpy as np
 
 from server.bundle import LoadedBundle
 from server.decoding import BeamSearch, FinishReason, RowParams, TokenChooser
-from server.engine.batch import CHOOSER_GROUP, ChooserRows, DecodeBatch, State, take_rows
+from server.engine.batch import CHOOSER_GROUP, ChooserRows, DecodeBatch, take_rows
 from server.engine.beams import BeamGroupStep, step_beam_group
-from server.engine.requests import Event, FeedRequest, GenerationRequest, TokenEvent, TranslationRequest
+from server.engine.requests import Event, FeedRequest, GenerationRequest, State, TokenEvent, TranslationRequest
 from server.engine.runner import Runner
 from server.engine.scheduler import Entry, Plan
 from server.engine.text import TextStream

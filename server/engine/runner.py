@@ -14,8 +14,9 @@ import numpy as np
 
 from seqserve.bundle.manifest import LAST_LOG_PROBS
 from server.bundle import LoadedBundle, LoadedGraph
-from server.engine.batch import DecodeBatch, State
+from server.engine.batch import DecodeBatch
 from server.engine.binding import BoundStep, device_of
+from server.engine.requests import State
 
 logger = logging.getLogger(__name__)
 

@@ -1,18 +1,19 @@
 """Stateful sessions: recurrent state parked between calls, fed and continued as rows of the engine's batch.
 
-record.py (what a session is, and its bytes) -> store.py (where records live: memory, sqlite_store.py,
-redis_store.py; compare-and-set on a revision) -> ordering.py (one session's operations in order) ->
-port.py (what sessions use of a model's engine: zero state, feed, generate, park) -> generation.py (a
-generation that parks its tokens) -> index.py (open sessions here: LRU, idle deadlines, why ended ones
-went) -> transfer.py (export / import bytes) -> manager.py (create, feed, generate, fork, get, close,
-export, import; expiry, eviction, restart, replicas).
+record.py (what a session is, and its bytes) -> store.py (where records live; compare-and-set on a
+revision; the backends sqlite_store.py and redis_store.py, opened by URL in stores.py) -> ordering.py
+(one session's operations in order) -> port.py (what sessions use of a model's engine: zero state, feed,
+generate, park) -> generation.py (a generation that parks its tokens) -> index.py (open sessions here:
+LRU, idle deadlines, why ended ones went) -> transfer.py (export / import bytes) -> manager.py (create,
+feed, generate, fork, get, close, export, import; expiry, eviction, restart, replicas).
 """
 
 from server.sessions.generation import SessionGeneration
 from server.sessions.manager import FeedResult, SessionInfo, SessionLimits, SessionManager
 from server.sessions.port import SessionEngine
 from server.sessions.record import SessionFormatError, SessionRecord
-from server.sessions.store import InMemorySessionStore, SessionStore, StoreConflict, StoreUnavailable, open_store
+from server.sessions.store import InMemorySessionStore, SessionStore, StoreConflict, StoreUnavailable
+from server.sessions.stores import open_store
 
 __all__ = [
     "FeedResult", "InMemorySessionStore", "SessionEngine", "SessionFormatError", "SessionGeneration", "SessionInfo",

@@ -29,13 +29,13 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from server.decoding import DecodingParams
-from server.engine.requests import FinishEvent
+from server.engine.requests import FinishEvent, State
 from server.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from server.metrics import Metrics
 from server.sessions.generation import SessionGeneration
 from server.sessions.index import CLOSED, EVICTED, EXPIRED, MODEL_REMOVED, Live, SessionIndex
 from server.sessions.port import SessionEngine
-from server.sessions.record import SessionRecord, State
+from server.sessions.record import SessionRecord
 from server.sessions.store import InMemorySessionStore, MeasuredStore, SessionStore, StoreConflict, StoredSession
 from server.sessions.transfer import pack, unpack
 from server.text_input import encode_text

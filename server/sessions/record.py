@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-State = tuple[np.ndarray, ...]
+from server.engine.requests import State
 
 MAGIC = b"SQSS"
 FORMAT_VERSION = 1

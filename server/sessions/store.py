@@ -7,7 +7,8 @@ record's revision: `put(record)` stores `record` only if the stored one is `reco
 operation to the same version; the loser gets `StoreConflict`. A store also remembers, bounded, why
 ended sessions ended, and lists what it holds so a restarted server (or another replica) serves it.
 
-Stores are named by a URL (`open_store`): `memory`, `sqlite:PATH`, `redis://HOST:PORT[/DB]`.
+Stores are named by a URL (`server.sessions.stores.open_store`): `memory`, `sqlite:PATH`,
+`redis://HOST:PORT[/DB]`.
 """
 
 from __future__ import annotations
@@ -162,27 +163,6 @@ class InMemorySessionStore(SessionStore):
 
     def __len__(self) -> int:
         return len(self._records)
-
-
-def open_store(url: str, *, tombstones: int = 10_000, setting: str = "session_store") -> SessionStore:
-    """The store a `session_store` URL names (not yet opened): `memory`, `sqlite:PATH` or
-    `redis://HOST:PORT[/DB]`. ValueError naming `setting` for anything else."""
-    if url == "memory":
-        return InMemorySessionStore(tombstones=tombstones)
-    if url.startswith("sqlite:"):
-        path = url[len("sqlite:"):]
-        if path.startswith("//"):  # sqlite:///abs/path, as SQLAlchemy writes it
-            path = path[2:]
-        if not path:
-            raise ValueError(f"{setting} {url!r} names no file; write sqlite:PATH, e.g. sqlite:state/sessions.db")
-        from server.sessions.sqlite_store import SqliteSessionStore
-
-        return SqliteSessionStore(path, tombstones=tombstones)
-    if url.startswith(("redis://", "rediss://", "unix://")):
-        from server.sessions.redis_store import RedisSessionStore
-
-        return RedisSessionStore(url, tombstones=tombstones, setting=setting)
-    raise ValueError(f"{setting} must be memory, sqlite:PATH or redis://HOST:PORT[/DB], got {url!r}")
 
 
 class MeasuredStore(SessionStore):

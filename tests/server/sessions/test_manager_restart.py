@@ -15,7 +15,7 @@ from server.errors import FailedPrecondition, NotFound
 from server.metrics import Metrics
 from server.registry import ModelRegistry
 from server.sessions import SessionLimits, SessionManager
-from server.sessions.store import open_store
+from server.sessions.stores import open_store
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

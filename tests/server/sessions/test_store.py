@@ -16,7 +16,8 @@ import pytest
 
 from bench.services import free_port
 from server.sessions.record import SessionRecord
-from server.sessions.store import InMemorySessionStore, StoreConflict, StoreUnavailable, open_store
+from server.sessions.store import InMemorySessionStore, StoreConflict, StoreUnavailable
+from server.sessions.stores import open_store
 
 
 def record(session_id: str, used: float = 100.0, ttl: int = 50) -> SessionRecord:
