@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from server.bundle import load_bundle  # noqa: E402
 from server.decoding import DecodingParams  # noqa: E402
+from server.decoding.limits import RequestLimits  # noqa: E402
 from server.engine import EngineConfig, GenerationRequest, ModelEngine, TokenEvent  # noqa: E402
 from server.engine.batch import DecodeBatch  # noqa: E402
 from server.engine.runner import Runner  # noqa: E402
@@ -86,7 +87,7 @@ def prompt(length: int) -> list[int]:
 
 async def engine_run(bundle, streams: int, tokens: int, prompt_tokens: int = 1, io_binding: str = "auto") -> dict:
     metrics = Metrics()
-    config = EngineConfig(max_rows=max(streams, 1), max_new_tokens=tokens, io_binding=io_binding)
+    config = EngineConfig(max_rows=max(streams, 1), limits=RequestLimits(max_new_tokens=tokens), io_binding=io_binding)
     engine = ModelEngine(bundle, config, metrics)
     calls: list[tuple[float, float, int]] = []  # (start, end, rows) of every decode call
     model_cpu: dict[tuple[str, int], float] = {}  # (call, thread id) -> CPU seconds inside the graph calls

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import models  # noqa: E402
 from bench.serve import DEFAULT_CACHE  # noqa: E402
+from server.decoding.limits import RequestLimits
 from server.engine import EngineConfig  # noqa: E402
 from server.registry import ModelRegistry  # noqa: E402
 from server.sessions import SessionLimits, SessionManager, SessionRecord  # noqa: E402
@@ -44,7 +45,7 @@ def median_seconds(samples: list[float]) -> float:
 
 
 async def in_process(repository: Path, name: str, text: str, args) -> dict:
-    registry = ModelRegistry(repository, config=EngineConfig(max_input_tokens=4096),
+    registry = ModelRegistry(repository, config=EngineConfig(limits=RequestLimits(max_input_tokens=4096)),
                              session_options={"intra_op_num_threads": args.threads})
     await registry.start()
     limits = SessionLimits(max_sessions=args.sessions + args.concurrent + 16)

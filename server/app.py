@@ -33,7 +33,6 @@ from grpc_reflection.v1alpha import reflection
 from seqserve.v1 import service_pb2
 from seqserve.v1 import service_pb2_grpc as pb_grpc
 from server.api.auth import BearerTokens, TokenFileError
-from server.api.convert import RequestLimits
 from server.api.errors import SERVICE, StatusInterceptor, request_id_var
 from server.api.inference import InferenceServicer, add_to_server
 from server.api.servicer import SeqserveServicer
@@ -139,9 +138,9 @@ class App:
             options=[("grpc.max_receive_message_length", config.max_receive_message_bytes),
                      ("grpc.so_reuseport", 0)])  # a busy port is an error, never a silently shared one
         pb_grpc.add_SeqserveServicer_to_server(
-            SeqserveServicer(self.registry, _limits(config), observe_tokens=self._observe_tokens,
+            SeqserveServicer(self.registry, config.request_limits(), observe_tokens=self._observe_tokens,
                              sessions=self.sessions), server)
-        add_to_server(InferenceServicer(self.registry, _limits(config), sessions=self.sessions,
+        add_to_server(InferenceServicer(self.registry, config.request_limits(), sessions=self.sessions,
                                         observe_tokens=self._observe_tokens), server)  # KServe v2 / Triton
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -292,12 +291,6 @@ def _read_pem(config: ServerConfig, setting: str) -> bytes:
     return data
 
 
-def _limits(config: ServerConfig) -> RequestLimits:
-    return RequestLimits(default_max_new_tokens=config.default_max_new_tokens, max_new_tokens=config.max_new_tokens,
-                         default_beam_size=config.default_beam_size, max_beam_size=config.max_beam_size,
-                         max_sources=config.max_sources)
-
-
 def _session_limits(config: ServerConfig) -> SessionLimits:
     # A session looks back as far as a Generate request can (its prompt and its output), so a session's text
     # decodes as a Generate of the same text would, and costs the batch no more history than one.
@@ -308,8 +301,7 @@ def _session_limits(config: ServerConfig) -> SessionLimits:
 
 def _make_registry(config: ServerConfig, metrics: Metrics) -> ModelRegistry:
     engine_config = EngineConfig(max_rows=config.max_rows_per_step, max_queued=config.max_queue,
-                                 max_input_tokens=config.max_input_tokens, max_new_tokens=config.max_new_tokens,
-                                 max_beam_size=config.max_beam_size)
+                                 limits=config.request_limits())
     return ModelRegistry(config.repository_path, config=engine_config, metrics=metrics, providers=config.providers,
                          session_options=config.session_options, variant=config.variant,
                          drain_seconds=config.drain_grace_seconds)

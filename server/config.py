@@ -17,6 +17,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from server.decoding.limits import RequestLimits
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10: tomli is the same parser under its old name
@@ -132,6 +134,12 @@ class ServerConfig:
         _check(self.drain_grace_seconds >= 0, "drain_grace_seconds", self.drain_grace_seconds, ">= 0")
         _check(self.log_format in LOG_FORMATS, "log_format", self.log_format, "one of " + ", ".join(LOG_FORMATS))
         _check(self.log_level in LOG_LEVELS, "log_level", self.log_level, "one of " + ", ".join(LOG_LEVELS))
+
+    def request_limits(self) -> RequestLimits:
+        """The limits requests are validated against, by the API edge and the engine alike."""
+        return RequestLimits(max_new_tokens=self.max_new_tokens, default_max_new_tokens=self.default_max_new_tokens,
+                             max_beam_size=self.max_beam_size, default_beam_size=self.default_beam_size,
+                             max_sources=self.max_sources, max_input_tokens=self.max_input_tokens)
 
     @property
     def repository_path(self) -> Path:

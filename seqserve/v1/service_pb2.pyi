@@ -224,7 +224,7 @@ class GenerateResponse(_message.Message):
     def __init__(self, chunk: _Optional[_Union[TokenChunk, _Mapping]] = ..., done: _Optional[_Union[GenerationDone, _Mapping]] = ...) -> None: ...
 
 class GenerationDone(_message.Message):
-    __slots__ = ("finish_reason", "prompt_tokens", "generated_tokens", "text", "matched_stop", "log_prob", "model", "version", "session_tokens_consumed")
+    __slots__ = ("finish_reason", "prompt_tokens", "generated_tokens", "text", "matched_stop", "log_prob", "model", "version", "session_tokens_consumed", "seed")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -234,6 +234,7 @@ class GenerationDone(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SESSION_TOKENS_CONSUMED_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
     finish_reason: FinishReason
     prompt_tokens: int
     generated_tokens: int
@@ -243,7 +244,8 @@ class GenerationDone(_message.Message):
     model: str
     version: int
     session_tokens_consumed: int
-    def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., text: _Optional[str] = ..., matched_stop: _Optional[str] = ..., log_prob: _Optional[float] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., session_tokens_consumed: _Optional[int] = ...) -> None: ...
+    seed: int
+    def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., text: _Optional[str] = ..., matched_stop: _Optional[str] = ..., log_prob: _Optional[float] = ..., model: _Optional[str] = ..., version: _Optional[int] = ..., session_tokens_consumed: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class CreateSessionRequest(_message.Message):
     __slots__ = ("model", "version", "prefix", "ttl_seconds")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -17,6 +17,7 @@ import numpy as np
 from seqserve.v1 import service_pb2 as pb
 from seqserve.v1.manifest_pb2 import Manifest, ModelKind
 from server.decoding import DecodingParams, FinishReason, Hypothesis
+from server.decoding.limits import RequestLimits
 from server.errors import InvalidArgument
 
 _STRATEGIES = {
@@ -36,17 +37,6 @@ _PROTO_FIELDS = {"top_logprobs": "top_log_probs"}
 _DEFAULT_PARAMS = DecodingParams()
 # tokenizer -> every id's token string, built on first use (a chunk is built per request per step).
 _TOKEN_STRINGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-@dataclass(frozen=True)
-class RequestLimits:
-    """The server's defaults and limits that turn "0 = the server's default" into numbers."""
-
-    default_max_new_tokens: int = 64
-    max_new_tokens: int = 512
-    default_beam_size: int = 4
-    max_beam_size: int = 16
-    max_sources: int = 64
 
 
 # --- requests ------------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ import asyncio
 import functools
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from importlib import metadata
@@ -26,22 +25,23 @@ from google.protobuf import message_factory
 import seqserve.inference as oip
 from seqserve.v1.manifest_pb2 import ModelKind
 from server.api import inference_convert as tensors
-from server.api.convert import RequestLimits
 from server.api.errors import request_id_var
 from server.api.multiplex import multiplex
 from server.api.served_model import ServedModel
 from server.api.status import status_of
 from server.decoding import FinishReason
+from server.decoding.limits import RequestLimits
 from server.engine.requests import FinishEvent, GenerationRequest, TokenEvent, TranslationRequest
 from server.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, SeqserveError
 from server.sessions import SessionManager
+from server.sessions.ordering import SessionLine, Turn
+from server.sessions.sequences import SequenceKey, SequenceMap
 
 logger = logging.getLogger(__name__)
 
 # Protocol extensions this server implements (ServerMetadata): model_repository is left out because
 # RepositoryModelLoad / Unload are not served (the repository is polled instead).
 EXTENSIONS = ("model_configuration", "sequence", "parameters", "statistics")
-MAX_SEQUENCES = 100_000  # sequence ids remembered (the sessions behind them end by TTL and LRU anyway)
 _SEQ2SEQ_OUTPUTS = (tensors.TEXT, tensors.SCORE)
 _LM_OUTPUTS = (tensors.TEXT,)
 
@@ -74,13 +74,14 @@ class InferenceServicer:
     """Answers `inference.GRPCInferenceService` from the engines of `registry` and the sessions of `sessions`."""
 
     def __init__(self, registry, limits: RequestLimits, *, sessions: SessionManager,
+                 sequences: SequenceMap | None = None,
                  observe_tokens: Callable[[str, float | None, float], None] | None = None):
         self._registry = registry
         self._limits = limits
         self._sessions = sessions
         self._observe_tokens = observe_tokens or (lambda *args: None)
-        self._sequences: OrderedDict[tuple[str, int | str], str] = OrderedDict()  # (model, id) -> session id
-        self._lines: dict[tuple[str, int | str], asyncio.Future] = {}  # (model, id) -> its last request's end
+        self._sequences = sequences if sequences is not None else SequenceMap()  # (model, id) -> session id
+        self._lines: dict[SequenceKey, SessionLine] = {}  # a sequence's requests here, one after another
         self._stats: dict[tuple[str, int], _Stats] = {}
 
     # --- health and metadata ------------------------------------------------------------------------
@@ -212,7 +213,7 @@ class InferenceServicer:
         parameters = tensors.parameters_from_pb(request.parameters)
         sequence = parameters.sequence
         # A sequence's requests take their turn now, in arrival order, before anything awaits.
-        turn = self._turn((request.model_name, sequence.id)) if sequence is not None else None
+        turn = self._join((request.model_name, sequence.id)) if sequence is not None else None
         model, inferences = None, 1
         try:
             if turn is not None:
@@ -244,7 +245,7 @@ class InferenceServicer:
             raise
         finally:
             if turn is not None:
-                turn.end()
+                turn.release()
         self._count(model, request, started, ok=True, inferences=inferences)
 
     async def _translate(self, model: ServedModel, request, parameters: tensors.InferParameters,
@@ -338,24 +339,23 @@ class InferenceServicer:
             raise InvalidArgument(field="parameters.max_new_tokens", value=parameters.options.max_new_tokens,
                                   allowed=f"0 (feed only) to {self._limits.max_new_tokens}")
         if sequence.start:
-            old = self._sequences.pop(key, None)
+            old = await self._sequences.pop(key)
             if old is not None:  # the id starts over: the old session ends (Triton's sequence batcher does too)
                 await _quietly(self._sessions.close(old))
             info = await self._sessions.create(model.name, model.version, text)
-            self._remember(key, info.session_id)
+            session_id = info.session_id
+            await self._sequences.put(key, session_id)
         else:
-            session_id = self._sequences.get(key)
+            session_id = await self._sequences.get(key)
             if session_id is None:
                 raise NotFound(f"sequence_id {sequence.id!r} of model {model.name!r} is unknown: it was never started "
                                "(send sequence_start = true first) or it has ended (sequence_end)")
-            self._sequences.move_to_end(key)
             try:
                 await self._sessions.feed(session_id, text)
             except NotFound as error:  # expired or evicted: say so, and forget the id
-                self._sequences.pop(key, None)
+                await self._sequences.pop(key, session_id)
                 raise NotFound(f"sequence_id {sequence.id!r} of model {model.name!r} has ended: {error.message}; "
                                "start it again with sequence_start = true") from None
-        session_id = self._sequences[key]
         try:
             if params is not None:
                 generation = self._sessions.generate(session_id, params, request_id=_request_id(request))
@@ -370,8 +370,7 @@ class InferenceServicer:
                     tensors.set_parameter(response, tensors.FINAL_RESPONSE, True)
                 yield response
         finally:
-            if sequence.end and self._sequences.get(key) == session_id:
-                self._sequences.pop(key, None)
+            if sequence.end and await self._sequences.pop(key, session_id) is not None:
                 await _quietly(self._sessions.close(session_id))
 
     # --- helpers ----------------------------------------------------------------------------------------
@@ -385,17 +384,16 @@ class InferenceServicer:
     def _response(self, model: ServedModel, request):
         return oip.ModelInferResponse(model_name=model.name, model_version=str(model.version), id=request.id)
 
-    def _remember(self, key: tuple[str, int | str], session_id: str) -> None:
-        self._sequences[key] = session_id
-        self._sequences.move_to_end(key)
-        while len(self._sequences) > MAX_SEQUENCES:
-            self._sequences.popitem(last=False)
+    def _join(self, key: SequenceKey) -> Turn:
+        line = self._lines.get(key)
+        if line is None:
+            line = self._lines[key] = SessionLine()
 
-    def _turn(self, key) -> _Turn:
-        previous = self._lines.get(key)
-        ended = asyncio.get_running_loop().create_future()
-        self._lines[key] = ended
-        return _Turn(self._lines, key, previous, ended)
+        def forget_idle() -> None:
+            if not line.busy and self._lines.get(key) is line:
+                del self._lines[key]
+
+        return line.join(on_release=forget_idle)
 
     def _count(self, model: ServedModel | None, request, started: float, *, ok: bool, inferences: int) -> None:
         if model is None:
@@ -410,23 +408,6 @@ class InferenceServicer:
         else:
             stats.fail += 1
             stats.fail_ns += elapsed
-
-
-class _Turn:
-    """A sequence request's place in line: `wait()` until the one before it ended, `end()` when done."""
-
-    def __init__(self, lines: dict, key, previous: asyncio.Future | None, ended: asyncio.Future):
-        self._lines, self._key, self._previous, self._ended = lines, key, previous, ended
-
-    async def wait(self) -> None:
-        if self._previous is not None and not self._previous.done():
-            await asyncio.shield(self._previous)
-
-    def end(self) -> None:
-        if not self._ended.done():
-            self._ended.set_result(None)
-        if self._lines.get(self._key) is self._ended:
-            del self._lines[self._key]
 
 
 def _keep_outputs(response, names: tuple[str, ...]) -> None:

@@ -19,8 +19,8 @@ import numpy as np
 
 from seqserve.v1 import service_pb2 as pb
 from server.api import convert
-from server.api.convert import RequestLimits
 from server.decoding import DecodingParams
+from server.decoding.limits import RequestLimits
 from server.errors import InvalidArgument
 
 TEXT, SCORE = "TEXT", "SCORE"

@@ -65,6 +65,16 @@ class ServedModel:
             translation.source_tokens.extend(source.id_to_token(token) or "" for token in source_ids)
         return translation
 
+    def generation_done(self, finish: FinishEvent, stop: tuple[str, ...], prompt_tokens: int, *,
+                        session_tokens_consumed: int = 0) -> pb.GenerationDone:
+        """The last message of a generation (Generate's, or GenerateInSession's with the session's count)."""
+        best = finish.hypotheses[0] if finish.hypotheses else None
+        return pb.GenerationDone(
+            finish_reason=convert.finish_reason_to_pb(finish.reason), prompt_tokens=prompt_tokens,
+            generated_tokens=len(finish.generated_ids), text=finish.text, matched_stop=self.matched_stop(finish, stop),
+            log_prob=best.log_prob if best is not None else 0.0, model=self.name, version=self.version,
+            session_tokens_consumed=session_tokens_consumed, seed=finish.seed)
+
     def matched_stop(self, finish: FinishEvent, stop: tuple[str, ...]) -> str:
         """The stop string that ended a generation: the one found earliest in the generated text."""
         if convert.finish_reason_to_pb(finish.reason) != pb.FINISH_REASON_STOP_SEQUENCE or not stop:

@@ -21,10 +21,10 @@ from seqserve.v1 import service_pb2_grpc as pb_grpc
 from seqserve.v1.manifest_pb2 import ModelKind
 from server.api import convert
 from server.api.converse import converse
-from server.api.convert import RequestLimits
 from server.api.errors import request_id_var
 from server.api.served_model import ServedModel, TokenLog
 from server.bundle.sessions import provider_name
+from server.decoding.limits import RequestLimits
 from server.engine.requests import FinishEvent, GenerationRequest, TokenEvent, TranslationRequest
 from server.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, SeqserveError, Unavailable
 from server.sessions import SessionManager
@@ -111,12 +111,7 @@ class SeqserveServicer(pb_grpc.SeqserveServicer):
                 yield item  # a chunk
                 continue
             _raise_if_deadline(item, context)
-            best = item.hypotheses[0] if item.hypotheses else None
-            yield pb.GenerateResponse(done=pb.GenerationDone(
-                finish_reason=convert.finish_reason_to_pb(item.reason), prompt_tokens=item.prompt_tokens,
-                generated_tokens=len(item.generated_ids), text=item.text,
-                matched_stop=model.matched_stop(item, params.stop),
-                log_prob=best.log_prob if best is not None else 0.0, model=model.name, version=model.version))
+            yield pb.GenerateResponse(done=model.generation_done(item, params.stop, item.prompt_tokens))
 
     # --- models ----------------------------------------------------------------------------------------
 
@@ -233,13 +228,8 @@ class SeqserveServicer(pb_grpc.SeqserveServicer):
                 if not isinstance(item, FinishEvent):
                     yield item  # a chunk
                     continue
-                best = item.hypotheses[0] if item.hypotheses else None
-                yield pb.GenerateResponse(done=pb.GenerationDone(
-                    finish_reason=convert.finish_reason_to_pb(item.reason), prompt_tokens=0,
-                    generated_tokens=len(item.generated_ids), text=item.text,
-                    matched_stop=model.matched_stop(item, params.stop),
-                    log_prob=best.log_prob if best is not None else 0.0, model=model.name, version=model.version,
-                    session_tokens_consumed=generation.tokens_consumed or 0))
+                yield pb.GenerateResponse(done=model.generation_done(
+                    item, params.stop, 0, session_tokens_consumed=generation.tokens_consumed or 0))
         finally:
             generation.cancel()  # a no-op once it finished; else the tokens so far stay in the session
 

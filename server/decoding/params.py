@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from server.errors import InvalidArgument
 
@@ -37,6 +37,9 @@ class DecodingParams:
     no_repeat_ngram_size: int = 0  # ban tokens that would repeat an n-gram of the history; 0 = off
     return_log_probs: bool = False  # return each chosen token's log-prob
     top_logprobs: int = 0  # also return this many most probable alternatives per step
+    # Set by `validate` on what it returns, so a request is validated once, where it enters: the API
+    # validates against the server's limits, and the engine validates only what arrives unvalidated.
+    validated: bool = field(default=False, repr=False, compare=False)
 
     def __post_init__(self):
         # Normalise the one field whose natural client-side type is mutable.
@@ -50,11 +53,15 @@ class DecodingParams:
         return replace(self, seed=secrets.randbits(64))
 
     def validate(self, max_new_tokens_limit: int, *, max_beam_size: int = 16) -> DecodingParams:
-        """Raise `InvalidArgument` naming the first bad field; return the parameters as they will be used.
+        """Raise `InvalidArgument` naming the first bad field; return the parameters as they will be used,
+        marked `validated` (validated parameters are returned as they are).
 
         Temperature 0 means greedy, for every caller: a sampling request with it becomes greedy, and a
-        greedy or beam one (whose choice no temperature changes) keeps its strategy.
+        greedy or beam one (whose choice no temperature changes) keeps its strategy. A sampling request
+        without a seed gets one drawn here (`with_seed`), so the seed used can be reported back.
         """
+        if self.validated:
+            return self
         if self.strategy not in STRATEGIES:
             raise InvalidArgument(field="strategy", value=self.strategy,
                                   allowed="one of " + ", ".join(repr(s) for s in STRATEGIES))
@@ -84,10 +91,13 @@ class DecodingParams:
         if self.strategy == "beam" and self.top_logprobs:
             raise InvalidArgument(field="top_logprobs", value=self.top_logprobs,
                                   allowed="0 with strategy 'beam' (alternatives are per-step, beams are not)")
+        params = self
         if self.temperature == 0:
-            return replace(self, strategy="greedy" if self.strategy == "sample" else self.strategy,
-                           temperature=1.0)
-        return self
+            params = replace(self, strategy="greedy" if self.strategy == "sample" else self.strategy,
+                             temperature=1.0)
+        if params.strategy == "sample":
+            params = params.with_seed()
+        return replace(params, validated=True)
 
     def _validate_stop(self) -> None:
         if not isinstance(self.stop, tuple):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+
+from server.decoding.limits import RequestLimits
 
 IO_BINDING_MODES = ("auto", "on", "off")
 
@@ -11,9 +13,9 @@ IO_BINDING_MODES = ("auto", "on", "off")
 class EngineConfig:
     max_rows: int = 256  # rows advanced per decode step; a beam request holds beam_size rows
     max_queued: int = 1024  # requests waiting for rows (sessions' feeds included); beyond: RESOURCE_EXHAUSTED
-    max_input_tokens: int = 2048  # prompt, source or fed tokens of one request; beyond: INVALID_ARGUMENT
-    max_new_tokens: int = 1024  # the highest max_new_tokens a request may ask for
-    max_beam_size: int = 16  # the highest beam_size a request may ask for (beam requests: also <= max_rows)
+    # What a request may ask for (max_new_tokens, beam size, input tokens): the server's one limits object,
+    # which the API edge validates against too. Beam requests also need beam_size <= max_rows.
+    limits: RequestLimits = field(default_factory=RequestLimits)
     max_prefill_tokens: int = 8192  # padded tokens (rows x longest) per prefill call; one request always fits
     # LM decode step through IO binding, the state kept in ONNX Runtime buffers between steps: "on", "off",
     # or "auto" (on where the session runs on a CUDA device).
@@ -23,9 +25,9 @@ class EngineConfig:
         if self.io_binding not in IO_BINDING_MODES:
             raise ValueError(f"engine setting io_binding must be one of {', '.join(IO_BINDING_MODES)}, "
                              f"got {self.io_binding!r}")
-        for field in fields(self):
-            if field.name == "io_binding":
+        for setting in fields(self):
+            if setting.name in ("io_binding", "limits"):
                 continue
-            value = getattr(self, field.name)
+            value = getattr(self, setting.name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"engine setting {field.name} must be a positive integer, got {value!r}")
+                raise ValueError(f"engine setting {setting.name} must be a positive integer, got {value!r}")

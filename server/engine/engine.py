@@ -129,7 +129,7 @@ class ModelEngine:
     @property
     def max_input_tokens(self) -> int:
         """The most tokens one prompt, source or fed text may have (longer: INVALID_ARGUMENT)."""
-        return self.config.max_input_tokens
+        return self.config.limits.max_input_tokens
 
     def tokenizer(self, role: str):
         """The bundle's tokenizer for `role` ("text" of an LM; "source" or "target" of a translator)."""
@@ -149,7 +149,7 @@ class ModelEngine:
         together (each piece's last one scored on the first token of the next).
         """
         ids = list(token_ids)
-        size = self.config.max_input_tokens
+        size = self.config.limits.max_input_tokens
         if len(ids) <= size:
             return await self._feed_piece(state, ids, want_log_probs, next_token_id, deadline)
         scores = []

@@ -19,13 +19,17 @@ from server.errors import FailedPrecondition, InvalidArgument
 
 def validate_request(request: GenerationRequest | TranslationRequest, bundle: LoadedBundle,
                      config: EngineConfig) -> tuple[DecodingParams, int, int]:
-    """(validated params with a sampling seed, decode rows, input tokens), or a domain error."""
+    """(validated params with a sampling seed, decode rows, input tokens), or a domain error.
+
+    Parameters the API already validated (`DecodingParams.validated`) are not validated again; what only
+    the model knows (its kind, its vocabulary, its state shapes) is checked here for every request."""
     spec = bundle.spec
+    limits = config.limits
     is_lm = spec.is_lm
     if isinstance(request, GenerationRequest):
         if not is_lm:
             raise FailedPrecondition(f"model {bundle.name} is a translation model; it cannot continue a prompt")
-        check_ids("prompt_ids", request.prompt_ids, spec.vocab_size, config.max_input_tokens)
+        check_ids("prompt_ids", request.prompt_ids, spec.vocab_size, limits.max_input_tokens)
         if request.history_ids is not None:
             check_ids("history_ids", request.history_ids, spec.vocab_size, None)
         if request.initial_state is not None:
@@ -34,18 +38,16 @@ def validate_request(request: GenerationRequest | TranslationRequest, bundle: Lo
     elif isinstance(request, TranslationRequest):
         if is_lm:
             raise FailedPrecondition(f"model {bundle.name} is a language model; it cannot translate")
-        check_ids("source_ids", request.source_ids, spec.source_vocab_size, config.max_input_tokens)
+        check_ids("source_ids", request.source_ids, spec.source_vocab_size, limits.max_input_tokens)
         input_tokens = len(request.source_ids)
     else:
         raise TypeError(f"an engine takes GenerationRequest or TranslationRequest, got {type(request).__name__}")
     if not isinstance(request.params, DecodingParams):
         raise TypeError(f"params must be DecodingParams, got {type(request.params).__name__}")
-    params = request.params.validate(config.max_new_tokens, max_beam_size=config.max_beam_size)
+    params = request.params.validate(limits.max_new_tokens, max_beam_size=limits.max_beam_size)
     if params.strategy == "beam" and params.beam_size > config.max_rows:
         raise InvalidArgument(field="beam_size", value=params.beam_size,
                               allowed=f"at most {config.max_rows} (the rows this server decodes at once)")
-    if params.strategy == "sample":
-        params = params.with_seed()
     rows = params.beam_size if params.strategy == "beam" else 1
     return params, rows, input_tokens
 
@@ -55,7 +57,7 @@ def validate_feed(request: FeedRequest, bundle: LoadedBundle, config: EngineConf
     if not spec.is_lm:
         raise FailedPrecondition(f"model {bundle.name} is a translation model; sessions need a language model")
     vocab = spec.vocab_size
-    check_ids("token_ids", request.token_ids, vocab, config.max_input_tokens)
+    check_ids("token_ids", request.token_ids, vocab, config.limits.max_input_tokens)
     if request.next_token_id is not None:
         check_ids("next_token_id", [request.next_token_id], vocab, None)
     if request.state is not None:

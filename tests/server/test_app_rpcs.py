@@ -296,6 +296,14 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_crowd(server, reference):
     assert crowd[16] == alone == _expected(reference, *seeded)
 
 
+def test_the_seed_a_sampling_request_used_is_reported_and_replays_it(stub):
+    chunks, done = generate(stub, "the", strategy="sample", temperature=1.5, max_new_tokens=24)
+    assert done.HasField("seed")  # drawn by the server: the request gave none
+    again_chunks, again = generate(stub, "the", strategy="sample", temperature=1.5, max_new_tokens=24, seed=done.seed)
+    assert again.seed == done.seed and streamed_ids(again_chunks) == streamed_ids(chunks) and again.text == done.text
+    assert not generate(stub, "the", max_new_tokens=4)[1].HasField("seed")  # greedy draws nothing
+
+
 # --- stop strings, coalescing, cancellation ------------------------------------------------------------------
 
 @pytest.mark.parametrize("strategy", [{}, {"strategy": "sample", "seed": 5}], ids=["greedy", "sample"])

@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 from exporters.bundle import ExportOptions, export_run
 from exporters.parity import ParitySettings
 from server.decoding import DecodingParams, FinishReason
+from server.decoding.limits import RequestLimits
 from server.engine import EngineConfig, GenerationRequest
 from server.errors import NotFound
 from server.metrics import Metrics
@@ -45,7 +46,8 @@ async def wait_for(condition, timeout=10.0):
 def test_hot_swap_new_requests_go_to_the_new_version_in_flight_ones_finish_on_the_old(versions):
     repository, v2 = versions
     prom = CollectorRegistry()
-    registry = ModelRegistry(repository, config=EngineConfig(max_new_tokens=ENDLESS_TOKENS), metrics=Metrics(prom),
+    config = EngineConfig(limits=RequestLimits(max_new_tokens=ENDLESS_TOKENS))
+    registry = ModelRegistry(repository, config=config, metrics=Metrics(prom),
                              session_options={"intra_op_num_threads": 1}, drain_seconds=30)
 
     def info(version):

@@ -9,8 +9,9 @@ import pytest
 from seqserve.v1 import service_pb2 as pb
 from seqserve.v1.manifest_pb2 import Manifest, ModelKind
 from server.api import convert
-from server.api.convert import RequestLimits, params_from_pb
+from server.api.convert import params_from_pb
 from server.decoding import DecodingParams, FinishReason, Hypothesis
+from server.decoding.limits import RequestLimits
 from server.errors import InvalidArgument
 from training.tokenizer import train_tokenizer
 

@@ -8,7 +8,7 @@ import pytest
 
 import seqserve.inference as oip
 from server.api import inference_convert as convert
-from server.api.convert import RequestLimits
+from server.decoding.limits import RequestLimits
 from server.errors import InvalidArgument
 
 

@@ -1,5 +1,7 @@
 """DecodingParams.validate: every field, with messages naming the field, the value and the allowed range."""
 
+from dataclasses import replace
+
 import pytest
 
 from server.decoding.params import DecodingParams
@@ -26,7 +28,11 @@ def error_for(**fields) -> InvalidArgument:
 def test_defaults_and_every_strategy_are_valid():
     for strategy in ("greedy", "sample", "beam"):
         params = DecodingParams(strategy=strategy)
-        assert params.validate(LIMIT) is params
+        validated = params.validate(LIMIT)
+        assert validated.validated and not params.validated
+        assert replace(validated, seed=None) == params  # as asked, but for the seed a sampling request draws
+        assert (validated.seed is not None) == (strategy == "sample")
+        assert validated.validate(1) is validated  # validated once: the engine does not validate it again
     DecodingParams(strategy="sample", seed=2**64 - 1, top_k=5, top_p=0.5, temperature=0.3,
                    stop=["\n", "x" * 64], top_logprobs=20).validate(LIMIT)
     DecodingParams(strategy="beam", beam_size=8, n_best=8, length_penalty=-2.0,

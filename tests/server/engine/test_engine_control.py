@@ -16,6 +16,7 @@ from exporters.bundle import ExportOptions, export_run
 from exporters.parity import ParitySettings
 from server.bundle import load_bundle
 from server.decoding import DecodingParams, FinishReason
+from server.decoding.limits import RequestLimits
 from server.engine import (
     EngineConfig,
     FinishEvent,
@@ -48,7 +49,8 @@ ONE_THREAD = {"intra_op_num_threads": 1, "inter_op_num_threads": 1}
 # Generations that only end when the test ends them: no machine is fast enough to reach their length.
 ENDLESS_TOKENS = 10_000_000
 LONG = DecodingParams(max_new_tokens=ENDLESS_TOKENS, min_new_tokens=ENDLESS_TOKENS)
-ENDLESS_CONFIG = EngineConfig(max_new_tokens=ENDLESS_TOKENS)
+ENDLESS_LIMITS = RequestLimits(max_new_tokens=ENDLESS_TOKENS)
+ENDLESS_CONFIG = EngineConfig(limits=ENDLESS_LIMITS)
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +201,7 @@ def test_queue_full_is_resource_exhausted(lm):
         finishes = [await s.result() for s in streams]  # the queued ones still run, one row at a time
         assert [f.reason for f in finishes] == [FinishReason.LENGTH] * 3
 
-    with_engine(bundle, body, EngineConfig(max_rows=1, max_queued=3, max_new_tokens=ENDLESS_TOKENS))
+    with_engine(bundle, body, EngineConfig(max_rows=1, max_queued=3, limits=ENDLESS_LIMITS))
 
 
 def test_bad_requests_are_refused_on_entry(lm):
@@ -225,7 +227,8 @@ def test_bad_requests_are_refused_on_entry(lm):
                 engine.submit(req)
         assert gauges.load() == (0, 0)
 
-    with_engine(bundle, body, EngineConfig(max_input_tokens=8, max_new_tokens=100, max_rows=4), gauges.metrics)
+    limits = RequestLimits(max_input_tokens=8, max_new_tokens=100)
+    with_engine(bundle, body, EngineConfig(max_rows=4, limits=limits), gauges.metrics)
 
 
 def test_a_feed_longer_than_the_input_limit_goes_in_pieces(lm):
@@ -241,7 +244,7 @@ def test_a_feed_longer_than_the_input_limit_goes_in_pieces(lm):
         for got, want in zip(unscored, state, strict=True):
             np.testing.assert_allclose(got, want, atol=1e-6)
 
-    with_engine(bundle, body, EngineConfig(max_input_tokens=4, max_new_tokens=100, max_rows=4))
+    with_engine(bundle, body, EngineConfig(max_rows=4, limits=RequestLimits(max_input_tokens=4, max_new_tokens=100)))
 
 
 def test_park_takes_the_final_state_or_feeds_what_was_chosen(lm):
@@ -369,7 +372,7 @@ def test_stop_drains_in_flight_requests_then_refuses(lm):
 
     async def go():
         # The grace period is long enough for 30 tokens even on a loaded machine, far too short for 10^6.
-        engine = ModelEngine(bundle, EngineConfig(max_new_tokens=1_000_000))
+        engine = ModelEngine(bundle, EngineConfig(limits=RequestLimits(max_new_tokens=1_000_000)))
         await engine.start()
         short = engine.submit(GenerationRequest("s", prompt(bundle, "a"), DecodingParams(max_new_tokens=30,
                                                                                          min_new_tokens=30)))

@@ -9,6 +9,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from server.decoding import DecodingParams
+from server.decoding.limits import RequestLimits
 from server.engine import EngineConfig, FinishEvent, GenerationRequest
 from server.errors import NotFound
 from server.metrics import Metrics
@@ -50,7 +51,8 @@ def run(repository, body, limits: SessionLimits | None = None, store=None):
     async def go():
         prom = CollectorRegistry()
         metrics = Metrics(prom)
-        registry = ModelRegistry(repository, config=EngineConfig(max_new_tokens=ENDLESS_TOKENS), metrics=metrics,
+        config = EngineConfig(limits=RequestLimits(max_new_tokens=ENDLESS_TOKENS))
+        registry = ModelRegistry(repository, config=config, metrics=metrics,
                                  session_options={"intra_op_num_threads": 1})
         await registry.start()
         clock = Clock()
