@@ -125,9 +125,9 @@ def _pad_and_stack(memories: list[np.ndarray], masks: list[np.ndarray]) -> tuple
 class ChooserRows:
     """The greedy and sampling rows' decoding columns, in the order those rows have in the batch.
 
-    Besides what choosing needs, each row's running totals and text state, so that a step's tokens
-    become text and events by array operations: `plain` rows (no stop strings, log-probs, alternatives
-    or attention, and a tokenizer with a `TokenTable`) get their text by table lookup.
+    Besides what choosing needs, each row's running totals and where its tokens go: `plain` rows (no stop
+    strings, log-probs, alternatives or attention, and a tokenizer with a `TokenTable`) hand their tokens
+    over as arrays, to the consumer `consumers[i]` under the key `keys[i]`.
     """
 
     rows: RowParams
@@ -135,9 +135,9 @@ class ChooserRows:
     generated: np.ndarray  # [N] int64: tokens each row has generated so far (its sampling step)
     log_prob: np.ndarray  # [N] float64: the sum of the log-probs of the tokens it chose (<eos> included)
     tracked: np.ndarray  # [N] object: the row's request (`server.engine.tracking.Tracked`)
-    plain: np.ndarray  # [N] bool: text by table, events that carry nothing but the token and its text
-    spoken: np.ndarray  # [N] bool: the row's text is not empty (a word tokenizer puts a space next)
-    open_char: np.ndarray  # [N] bool: its bytes end inside a character (byte-level BPE splits them)
+    plain: np.ndarray  # [N] bool: its tokens go out as bare ids, their text made by the consumer
+    keys: np.ndarray  # [N] int64: the row's request's key with its consumer
+    consumers: np.ndarray  # [N] int64: the consumer's id
 
     @classmethod
     def empty(cls, vocab_size: int) -> ChooserRows:
@@ -145,17 +145,19 @@ class ChooserRows:
 
     @classmethod
     def start(cls, rows: RowParams, histories: list[list[int]], vocab_size: int, tracked: list | None = None,
-              plain: np.ndarray | None = None, spoken: np.ndarray | None = None) -> ChooserRows:
-        """Rows that have generated nothing yet; `histories` are what the processors look back on,
-        `spoken` whether text came before them (the end of a prompt). Rows are not plain by default."""
+              plain: np.ndarray | None = None, keys: list[int] | None = None,
+              consumers: list[int] | None = None) -> ChooserRows:
+        """Rows that have generated nothing yet; `histories` are what the processors look back on. Rows are
+        not plain by default."""
         count = len(rows)
         owners = np.empty(count, dtype=object)
         if tracked is not None:
             owners[:] = tracked
-        flags = [np.zeros(count, dtype=bool) if column is None else np.asarray(column, dtype=bool)
-                 for column in (plain, spoken)]
+        plain = np.zeros(count, dtype=bool) if plain is None else np.asarray(plain, dtype=bool)
+        ints = [np.zeros(count, dtype=np.int64) if column is None else np.asarray(column, dtype=np.int64)
+                for column in (keys, consumers)]
         return cls(rows, TokenHistory.from_prompts(histories, vocab_size), np.zeros(count, dtype=np.int64),
-                   np.zeros(count, dtype=np.float64), owners, *flags, np.zeros(count, dtype=bool))
+                   np.zeros(count, dtype=np.float64), owners, plain, *ints)
 
     def __len__(self) -> int:
         return len(self.generated)
@@ -175,8 +177,8 @@ class ChooserRows:
 
     def filter(self, index: np.ndarray) -> ChooserRows:
         return ChooserRows(self.rows.filter(index), self.history.filter(index), self.generated[index],
-                           self.log_prob[index], self.tracked[index], self.plain[index], self.spoken[index],
-                           self.open_char[index])
+                           self.log_prob[index], self.tracked[index], self.plain[index], self.keys[index],
+                           self.consumers[index])
 
     @staticmethod
     def concatenate(parts: list[ChooserRows]) -> ChooserRows:
@@ -187,5 +189,5 @@ class ChooserRows:
             RowParams.concatenate([p.rows for p in parts]),
             TokenHistory.concatenate([p.history for p in parts]),
             *(np.concatenate([getattr(p, name) for p in parts])
-              for name in ("generated", "log_prob", "tracked", "plain", "spoken", "open_char")),
+              for name in ("generated", "log_prob", "tracked", "plain", "keys", "consumers")),
         )

@@ -22,7 +22,7 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -32,7 +32,7 @@ from server.bundle import LoadedBundle
 from server.decoding import BeamSearch, FinishReason, RowParams, TokenChooser
 from server.engine.batch import CHOOSER_GROUP, ChooserRows, DecodeBatch, take_rows
 from server.engine.beams import BeamGroupStep, step_beam_group
-from server.engine.requests import Event, FeedRequest, GenerationRequest, State, TokenEvent, TranslationRequest
+from server.engine.requests import Event, FeedRequest, GenerationRequest, State, TranslationRequest
 from server.engine.runner import Runner
 from server.engine.scheduler import Entry, Plan
 from server.engine.text import TextStream
@@ -45,9 +45,9 @@ class StepResult:
     """What a step produced, for the event loop to deliver and count."""
 
     events: list[tuple[Entry, Event]] = field(default_factory=list)  # in the order they happened
-    # Plain rows' tokens, one TokenEvent each, built on the event loop's thread: (Tracked per row [R]
-    # object array, token per row, text per row). A request is in these or in `events`, never both.
-    tokens: list[tuple[np.ndarray, list[int], list[str]]] = field(default_factory=list)
+    # Plain rows' tokens, as arrays: (consumer id, key, token) per row. Their text is made where the
+    # consumer takes them (`RequestStream`); the step's events of the same request come after them.
+    plain: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
     finished: list[tuple[Entry, str]] = field(default_factory=list)  # requests that ended, and why
     dropped: dict[int, Event] = field(default_factory=dict)  # slot -> partial finish event (cancelled)
     feeds: list[tuple[Entry, State, np.ndarray | None]] = field(default_factory=list)
@@ -55,13 +55,6 @@ class StepResult:
     decode_seconds: float = 0.0
     prompt_tokens: int = 0
     generated_tokens: int = 0
-
-    def all_events(self) -> Iterator[tuple[Entry, Event]]:
-        """Every event of the step, each request's in order: plain rows' token events (made now), the rest."""
-        for tracked_rows, tokens, texts in self.tokens:
-            for tracked, token, text in zip(tracked_rows, tokens, texts, strict=True):
-                yield tracked.entry, TokenEvent([token], None, None, text)
-        yield from self.events
 
 
 class EngineCore:
@@ -215,7 +208,8 @@ class EngineCore:
             rows = RowParams.concatenate([RowParams.from_params(requests[i].params) for i in chosen])
             tracked = [self.tracked[requests[i].slot] for i in chosen]
             part = ChooserRows.start(rows, [histories[i] for i in chosen], self.vocab_size, tracked,
-                                     plain=[t.text is None for t in tracked], spoken=[t.after_text for t in tracked])
+                                     plain=[t.text is None for t in tracked], keys=[t.entry.key for t in tracked],
+                                     consumers=[t.entry.consumer.consumer_id for t in tracked])
             first = arrivals.filter(arrivals.groups == CHOOSER_GROUP)  # one row per request
             if self.is_lm:  # prefilled through the whole prompt: the first token's log-probs are there
                 log_probs, state, attention = first_log_probs[chosen], first.state, None
@@ -353,29 +347,16 @@ class EngineCore:
         choosers.advance(tokens, choice.log_probs)
         ending = is_eos | at_limit
         keep = ~ending
-        plain, table = choosers.plain, self.table
+        plain = choosers.plain
         others = np.flatnonzero(~plain)
-        if table is not None and len(others) < len(plain):
-            # Plain rows that go on with whole characters: text by lookup, events built by the event loop.
-            simple = plain & ~ending & ~choosers.open_char & table.whole[tokens]
-            picked = np.flatnonzero(simple)
-            after_text = choosers.spoken
-            if picked.size:
-                chosen = tokens[picked]
-                texts = np.where(after_text[picked], table.spaced[chosen], table.texts[chosen])
-                result.tokens.append((choosers.tracked[picked], chosen.tolist(), texts.tolist()))
-            choosers.spoken = after_text | (plain & ~table.silent[tokens])
-            unsettled = np.flatnonzero(plain & ~simple)  # split characters, requests that end
-            for i in unsettled.tolist():
-                tracked = choosers.tracked[i]
-                token = int(tokens[i])
-                event, reason = tracked.on_plain_token(token, bool(after_text[i]), bool(is_eos[i]),
-                                                       bool(at_limit[i]))
-                choosers.open_char[i] = tracked.open_char
-                if event is not None:
-                    result.events.append((tracked.entry, event))
-                if reason is not None:
-                    self._finish(choosers, i, reason, token, rows, state, result)
+        if len(others) < len(plain):
+            # Plain rows: every token but <eos> goes out as (consumer, key, token), text made by the consumer.
+            out = np.flatnonzero(plain & ~is_eos)
+            if out.size:
+                result.plain.append((choosers.consumers[out], choosers.keys[out], tokens[out]))
+            for i in np.flatnonzero(plain & ending).tolist():  # per request that ends
+                reason = FinishReason.EOS if is_eos[i] else FinishReason.LENGTH
+                self._finish(choosers, i, reason, int(tokens[i]), rows, state, result)
         if others.size:
             chosen, scores = tokens[others].tolist(), choice.log_probs[others].tolist()
             for i, token, score in zip(others.tolist(), chosen, scores, strict=True):  # rows with stop strings etc.

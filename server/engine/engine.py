@@ -26,12 +26,16 @@ from server.decoding import FinishReason
 from server.engine.config import EngineConfig
 from server.engine.core import EngineCore, StepResult
 from server.engine.requests import (
+    Consumer,
     FeedRequest,
     FinishEvent,
     GenerationRequest,
     RequestStream,
     State,
+    StepOutput,
+    StreamTable,
     TranslationRequest,
+    context_of,
 )
 from server.engine.runner import Runner
 from server.engine.scheduler import Entry, Plan, Scheduler
@@ -62,6 +66,8 @@ class ModelEngine:
         self._accepting = False
         self._stop_at: float | None = None
         self._held: StepResult | None = None  # the worker's last decode phase, posted when the next call runs
+        self._streams = StreamTable()  # the streams of `submit`: a consumer in this process
+        self._consumers: dict[int, Consumer] = {}  # every consumer a request was submitted for, by id
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -93,9 +99,11 @@ class ModelEngine:
         was_active = [e for e in leftover if e.admitted_at is not None]
         self._metrics.active_rows.dec(sum(e.rows for e in was_active))
         self._metrics.queue_depth.dec(len(leftover) - len(was_active))
+        outbox = _Outbox(self._consumers)
         for entry in leftover:
-            self._end(entry, Unavailable(f"model {self.name} v{self.version} was unloaded before the request "
-                                         "finished; retry"), "cancelled")
+            self._end(outbox, entry, Unavailable(f"model {self.name} v{self.version} was unloaded before the "
+                                                 "request finished; retry"), "cancelled")
+        outbox.send()
         self._core.close()
         self._metrics.clear_info(self.version, self.spec.cell, self._provider)
         logger.info("stopped %s v%d", self.name, self.version)
@@ -119,10 +127,34 @@ class ModelEngine:
         self._check_accepting()
         params, rows, input_tokens = validate_request(request, self.bundle, self.config)
         slot = self._scheduler.new_slot()
-        stream = RequestStream(request.request_id, params, on_cancel=lambda: self._cancel(slot))
-        self._enqueue(Entry(slot=slot, request=request, params=params, rows=rows, input_tokens=input_tokens,
-                            enqueued_at=time.monotonic(), stream=stream))
+        stream = RequestStream(request.request_id, params, on_cancel=lambda: self._cancel(slot),
+                               table=self._core.table, context_ids=context_of(request))
+        self._streams.add(slot, stream)
+        try:
+            self._enqueue(self._entry(slot, request, params, rows, input_tokens, self._streams, slot))
+        except BaseException:
+            self._streams.discard(slot)
+            raise
         return stream
+
+    def submit_for(self, request: GenerationRequest | TranslationRequest, consumer: Consumer, key: int) -> int:
+        """Queue a request whose outputs go to `consumer` under `key` (another process's streams); its slot,
+        for `cancel`. Raises as `submit` does."""
+        self._check_accepting()
+        params, rows, input_tokens = validate_request(request, self.bundle, self.config)
+        slot = self._scheduler.new_slot()
+        self._enqueue(self._entry(slot, request, params, rows, input_tokens, consumer, key))
+        return slot
+
+    def cancel(self, slot: int) -> None:
+        """Drop a request submitted with `submit_for` at the next step (its end still reaches its consumer)."""
+        self._cancel(slot)
+
+    def _entry(self, slot: int, request, params, rows: int, input_tokens: int, consumer: Consumer,
+               key: int) -> Entry:
+        self._consumers[consumer.consumer_id] = consumer
+        return Entry(slot=slot, request=request, params=params, rows=rows, input_tokens=input_tokens,
+                     enqueued_at=time.monotonic(), consumer=consumer, key=key)
 
     # --- what sessions use (server.sessions.port.SessionEngine) -------------------------------
 
@@ -263,7 +295,7 @@ class ModelEngine:
             for entry, _, _ in result.feeds:
                 self._scheduler.finish(entry.slot)
         self._count_step(result)
-        if not (result.events or result.tokens or result.feeds or result.dropped or plan.drop or plan.expired
+        if not (result.events or result.plain or result.feeds or result.dropped or plan.drop or plan.expired
                 or plan.withdrawn):
             return _OK  # nothing to deliver: spare the event loop a wake-up
         if hold:
@@ -319,21 +351,27 @@ class ModelEngine:
     # --- delivery, on the asyncio loop's thread -------------------------------------------------
 
     def _deliver(self, plan: Plan, result: StepResult, failed: list[Entry], failure: SeqserveError | None) -> None:
+        """A step's outcome to its consumers (one hand-over each) and to the feeds' futures."""
+        outbox = _Outbox(self._consumers)
         for entry in plan.withdrawn:
-            self._end(entry, None)
+            self._end(outbox, entry, None)
         for entry in plan.expired:
-            self._end(entry, DeadlineExceeded(f"request {entry.request_id} passed its deadline"))
+            self._end(outbox, entry, DeadlineExceeded(f"request {entry.request_id} passed its deadline"))
         for entry in plan.drop:
-            self._end(entry, result.dropped.get(entry.slot))
+            self._end(outbox, entry, result.dropped.get(entry.slot))
         for entry, state, log_probs in result.feeds:
             if not entry.future.done():
                 entry.future.set_result((state, log_probs))
-        for entry, event in result.all_events():  # plain rows' token events are made here, on this thread
-            entry.stream.put(event)
+        for consumers, keys, tokens in result.plain:
+            outbox.plain(consumers, keys, tokens)
+        for entry, event in result.events:
+            outbox.event(entry, event)
         for entry in failed:
-            self._end(entry, failure, "error")
+            self._end(outbox, entry, failure, "error")
+        outbox.send()
 
-    def _end(self, entry: Entry, outcome: FinishEvent | BaseException | None, label: str | None = None) -> None:
+    def _end(self, outbox: _Outbox, entry: Entry, outcome: FinishEvent | BaseException | None,
+             label: str | None = None) -> None:
         """Close an entry that did not finish on its own: a partial finish event, an error, or nothing."""
         if label is not None and not entry.is_feed:
             self._metrics.finished(label)
@@ -344,12 +382,49 @@ class ModelEngine:
                 else:
                     entry.future.cancel()
             return
-        if isinstance(outcome, BaseException):
-            entry.stream.fail(outcome)
-        else:
-            entry.stream.put(outcome if outcome is not None else _cancelled_event(entry))
+        outbox.event(entry, outcome if outcome is not None else _cancelled_event(entry))
 
 
+class _Outbox:
+    """One delivery's outputs, gathered per consumer and handed over together: a consumer's plain tokens
+    first (every part of them, in step order), then its other events in order."""
+
+    def __init__(self, consumers: dict[int, Consumer]):
+        self._consumers = consumers
+        self._plain: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._events: dict[int, list] = {}
+
+    def plain(self, consumers: np.ndarray, keys: np.ndarray, tokens: np.ndarray) -> None:
+        self._plain.append((consumers, keys, tokens))
+
+    def event(self, entry: Entry, item) -> None:
+        self._events.setdefault(entry.consumer.consumer_id, []).append((entry.key, item))
+
+    def send(self) -> None:
+        outputs: dict[int, StepOutput] = {}
+        if self._plain:
+            parts = self._plain
+            consumers, keys, tokens = (np.concatenate([p[i] for p in parts]) if len(parts) > 1 else parts[0][i]
+                                       for i in range(3))
+            first = consumers[0]
+            if (consumers == first).all():  # the usual case: every row's consumer is the same
+                outputs[int(first)] = StepOutput(keys, tokens, [])
+            else:
+                order = np.argsort(consumers, kind="stable")
+                ids, starts = np.unique(consumers[order], return_index=True)
+                for cid, part in zip(ids.tolist(), np.split(order, starts[1:]), strict=True):
+                    outputs[cid] = StepOutput(keys[part], tokens[part], [])
+        for cid, events in self._events.items():
+            output = outputs.get(cid)
+            if output is None:
+                outputs[cid] = StepOutput(_NO_IDS, _NO_IDS, events)
+            else:
+                output.events = events
+        for cid, output in outputs.items():
+            self._consumers[cid].deliver(output)
+
+
+_NO_IDS = np.zeros(0, dtype=np.int64)
 _NOTHING_PLANNED = Plan()  # the decode phase's: what the step's plan ended went out with its admit phase
 _OK, _FAILED, _LOOP_GONE = "ok", "failed", "loop gone"
 

@@ -19,7 +19,7 @@ from enum import Enum
 
 from server.decoding import DecodingParams
 from server.engine.config import EngineConfig
-from server.engine.requests import FeedRequest, GenerationRequest, RequestStream, TranslationRequest
+from server.engine.requests import Consumer, FeedRequest, GenerationRequest, TranslationRequest
 from server.errors import DEADLINE_SLACK_SECONDS, ResourceExhausted
 
 
@@ -39,7 +39,8 @@ class Entry:
     rows: int  # decode rows while active: 1, beam_size, or 0 for a feed
     input_tokens: int  # tokens the prefill or encode call feeds for it
     enqueued_at: float
-    stream: RequestStream | None = None  # generations and translations
+    consumer: Consumer | None = None  # generations and translations: where their outputs go ...
+    key: int = -1  # ... under this key
     future: asyncio.Future | None = None  # feeds
     stage: Stage = Stage.QUEUED
     admitted_at: float | None = None

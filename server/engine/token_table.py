@@ -156,5 +156,25 @@ class TableDecoder:
             self._tail = Utf8Tail(table)
         return self._tail.push(token_id)
 
+    def push_many(self, token_ids: Sequence[int]) -> str:
+        """The text of several tokens at once: `push` of each, joined; by lookup over them all when they are
+        whole characters and no character is open (the usual case)."""
+        table = self._table
+        if len(token_ids) == 1 or self.pending:
+            return "".join([self.push(token) for token in token_ids])
+        ids = np.asarray(token_ids, dtype=np.int64)
+        if not table.whole[ids].all():
+            return "".join([self.push(token) for token in token_ids])
+        if not table.separator:
+            return "".join(table.texts[ids].tolist())
+        pieces = table.spaced[ids]
+        if not self._spoken:
+            spoken = np.flatnonzero(~table.silent[ids])
+            if not spoken.size:
+                return ""
+            pieces[spoken[0]] = table.texts[ids[spoken[0]]]
+            self._spoken = True
+        return "".join(pieces.tolist())
+
     def flush(self) -> str:
         return self._tail.flush() if self._tail is not None else ""

@@ -1,7 +1,8 @@
 """What the worker remembers about each running request between steps: its text, and the events its
 tokens turn into. A greedy or sampling row's tokens and summed log-prob live in the batch's columns
-(`ChooserRows`) and are copied here when it ends. Plain rows' text comes from the `TokenTable` (their
-whole text is decoded once, at the end); the others stream it through a `TextStream`.
+(`ChooserRows`) and are copied here when it ends. Plain rows stream bare token ids (their consumer makes
+the text) and get their whole text from the `TokenTable` once, at the end; the others stream their text
+through a `TextStream`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from server.decoding import FinishReason, Hypothesis
 from server.engine.requests import FinishEvent, GenerationRequest, State, TokenEvent, TranslationRequest
 from server.engine.scheduler import Entry
 from server.engine.text import TextStream
-from server.engine.token_table import TokenTable, Utf8Tail
+from server.engine.token_table import TokenTable
 
 # finished_total{reason} labels beyond FinishReason: requests that ended without finishing.
 DEADLINE_LABEL = "deadline"
@@ -29,7 +30,6 @@ class Tracked:
     source_length: int = 0  # seq2seq: attention rows are cut to it
     table: TokenTable | None = None  # plain rows: their text is decoded by it
     after_text: bool = False  # plain rows: text came before theirs (a word tokenizer's separator first)
-    tail: Utf8Tail | None = None  # plain rows: a character split over tokens, while it is incomplete
     generated: list[int] = field(default_factory=list)  # set when the request ends
     log_prob: float = 0.0  # set when the request ends
     attention: list[np.ndarray] | None = None  # greedy/sampling rows asking for attention
@@ -78,31 +78,6 @@ class Tracked:
             text=delta,
         )
         return event, reason
-
-    def on_plain_token(self, token: int, after_text: bool, is_eos: bool, at_limit: bool
-                       ) -> tuple[TokenEvent | None, FinishReason | None]:
-        """A plain row's token that the step's table lookup did not settle: it opens or continues a
-        split character, or it ends the request (its text then flushed)."""
-        table, tail = self.table, self.tail
-        if is_eos:
-            delta = tail.flush() if tail is not None else ""
-            event = TokenEvent(token_ids=[], log_probs=None, top_alternatives=None, text=delta) if delta else None
-            return event, FinishReason.EOS
-        if tail is None and table.whole[token]:
-            delta = table.spaced[token] if after_text else table.texts[token]
-        else:
-            if tail is None:
-                tail = self.tail = Utf8Tail(table)
-            delta = tail.push(token)
-        if at_limit and tail is not None:
-            delta += tail.flush()
-        event = TokenEvent(token_ids=[token], log_probs=None, top_alternatives=None, text=delta)
-        return event, FinishReason.LENGTH if at_limit else None
-
-    @property
-    def open_char(self) -> bool:
-        """A plain row's bytes end inside a character."""
-        return self.tail is not None and self.tail.pending
 
     def final_text(self, complete: bool = True) -> str:
         """The text of the tokens generated; not `complete` (a cancelled request): only what was sent."""

@@ -61,7 +61,7 @@ def test_concatenate_pads_memory_to_the_widest_source():
 def test_chooser_rows_follow_their_rows():
     rows = RowParams.concatenate([RowParams.from_params(DecodingParams(max_new_tokens=n)) for n in (3, 5, 7)])
     part = ChooserRows.start(rows, [[1, 4], [1], [1, 5, 6]], vocab_size=8, tracked=["a", "b", "c"],
-                             plain=[True, False, True], spoken=[False, False, True])
+                             plain=[True, False, True], keys=[10, 11, 12], consumers=[0, 1, 0])
     part.advance(np.array([2, 3, 4]), np.array([-0.5, -1.0, -2.0]))
     part.advance(np.array([5, 6, 7]), np.array([-0.25, -1.0, -1.0]))
     kept = ChooserRows.concatenate([part.filter(np.array([True, False, True])),
@@ -70,7 +70,8 @@ def test_chooser_rows_follow_their_rows():
     assert kept.generated.tolist() == [2, 2, 0]
     assert kept.log_prob.tolist() == [-0.75, -3.0, 0.0]
     assert kept.tracked.tolist() == ["a", "c", "d"]
-    assert kept.plain.tolist() == [True, True, False] and kept.spoken.tolist() == [False, True, False]
+    assert kept.plain.tolist() == [True, True, False]
+    assert kept.keys.tolist() == [10, 12, 0] and kept.consumers.tolist() == [0, 0, 0]
     assert [row(kept.history, i).tolist() for i in range(3)] == [[1, 4, 2, 5], [1, 5, 6, 4, 7], [1]]
     assert kept.generated_ids(1) == [4, 7] and kept.generated_ids(1, drop_last=True) == [4]
     assert kept.generated_ids(2) == []

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
 from request_events import finish, stream, token
 
 from server.decoding import DecodingParams
-from server.engine.requests import FinishEvent, RequestStream
+from server.engine.requests import FinishEvent, RequestStream, StepOutput, StreamTable, TokenEvent
+from server.engine.token_table import TokenTable
 from server.errors import DeadlineExceeded
 
 
@@ -153,5 +155,83 @@ def test_on_end_taken_runs_once_when_the_consumer_took_the_end(take, ending):
         assert received[0] == token(1)
         assert taken == [True]
         assert await s.next_batch() == [] and taken == [True]
+
+    asyncio.run(main())
+
+
+# --- plain rows' tokens: arrays in, text when taken ---------------------------------------------------------
+
+def word_table():
+    from tokenizers import Tokenizer, models
+
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3, "the": 4, "cat": 5, "sat": 6}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.add_special_tokens(["<pad>", "<bos>", "<eos>", "<unk>"])
+    return TokenTable.build(tokenizer)
+
+
+def test_plain_tokens_that_piled_up_are_one_event_with_their_text():
+    async def main():
+        s = RequestStream("r", DecodingParams(), table=word_table(), context_ids=[1, 4])  # after "<bos> the"
+        waiting = asyncio.create_task(s.next_batch())
+        await asyncio.sleep(0)
+        s.put_token(5)  # wakes the consumer
+        assert await waiting == [TokenEvent([5], None, None, " cat")]
+        s.put_token(6)
+        s.put_token(4)
+        end = finish()
+        s.put(end)
+        s.put_token(5)  # after the end: dropped
+        assert await s.next_batch() == [TokenEvent([6, 4], None, None, " sat the"), end]
+        assert await s.next_batch() == []
+
+    asyncio.run(main())
+
+
+def test_a_stream_ends_after_the_plain_tokens_before_its_error_or_finish():
+    async def main():
+        s = RequestStream("r", DecodingParams(), table=word_table())
+        s.put_token(4)
+        s.fail(DeadlineExceeded("late"))
+        events = []
+        with pytest.raises(DeadlineExceeded):
+            async for event in s:
+                events.append(event)
+        assert events == [TokenEvent([4], None, None, "the")]
+
+    asyncio.run(main())
+
+
+def test_stream_table_routes_a_steps_arrays_and_events_and_forgets_ended_streams():
+    async def main():
+        table, words = StreamTable(), word_table()
+        streams = {key: RequestStream(f"r{key}", DecodingParams(), table=words) for key in (7, 8)}
+        for key, s in streams.items():
+            table.add(key, s)
+        end = finish()
+        table.deliver(StepOutput(np.array([7, 8, 7]), np.array([4, 5, 6]), [(8, end), (99, end)]))
+        assert len(table) == 1  # 8 ended; 99 is no stream of this table
+        assert await streams[7].next_batch() == [TokenEvent([4, 6], None, None, "the sat")]
+        assert await streams[8].next_batch() == [TokenEvent([5], None, None, "cat"), end]
+        table.fail_all(DeadlineExceeded("gone"))
+        with pytest.raises(DeadlineExceeded):
+            await streams[7].next_batch()
+
+    asyncio.run(main())
+
+
+def test_hold_waits_for_its_time_or_the_end_and_tokens_wake_nobody():
+    async def main():
+        loop = asyncio.get_running_loop()
+        s = RequestStream("r", DecodingParams(), table=word_table())
+        holding = asyncio.create_task(s.hold(loop.time() + 60))
+        await asyncio.sleep(0)
+        s.put_token(4)
+        await asyncio.sleep(0.01)
+        assert not holding.done()  # a token is no reason to stop holding
+        s.put(finish())  # the end is: its events are never held back
+        await asyncio.wait_for(holding, 5)
+        await s.hold(loop.time() + 60)  # an ended stream holds nothing
+        await asyncio.wait_for(RequestStream("q", DecodingParams()).hold(loop.time() + 0.01), 5)
 
     asyncio.run(main())

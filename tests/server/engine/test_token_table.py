@@ -8,7 +8,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from server.engine.text import TextStream
-from server.engine.token_table import TableDecoder, TokenTable, Utf8Tail
+from server.engine.token_table import TableDecoder, TokenTable
 from training.tokenizer import train_tokenizer
 
 CORPUS = ["héllo wörld, the cat sat on the mat", "日本語 text with ünïcode — and emoji 🙂🙃",
@@ -40,23 +40,26 @@ def test_table_decode_equals_tokenizer_decode(tokenizers, kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_streamed_deltas_add_up_to_decode(tokenizers, kind):
-    """Per token through TableDecoder (the TextStream path) and through the engine's split (the table's
-    texts while no character is open, Utf8Tail when one is), flushed at the end: both equal `decode`."""
+    """Per token through TableDecoder (the TextStream path), and in chunks of any size through `push_many`
+    (a plain row's tokens as a consumer takes them), flushed at the end: both equal `decode`, also after a
+    context (a prompt, after which a word tokenizer's text starts with its separator)."""
     tokenizer = tokenizers[kind]
     table = TokenTable.build(tokenizer)
+    rng = random.Random(3)
     for ids in random_sequences(tokenizer, 1000, seed=2):
         decoder = TableDecoder(table)
         deltas = [decoder.push(token) for token in ids] + [decoder.flush()]
         expected = tokenizer.decode(ids)
         assert "".join(deltas) == expected, ids
-        spoken, tail, text = False, Utf8Tail(table), ""
-        for token in ids:
-            if table.whole[token] and not tail.pending:
-                text += table.spaced[token] if spoken else table.texts[token]
-                spoken |= not table.silent[token]
-            else:
-                text += tail.push(token)
-        assert text + tail.flush() == expected
+        context = random_sequences(tokenizer, 1, seed=rng.randrange(10**6))[0][:3]
+        chunked, text, start = TableDecoder(table, context), "", 0
+        while start < len(ids):
+            end = start + rng.randint(1, 6)
+            text += chunked.push_many(ids[start:end])
+            start = end
+        text += chunked.flush()
+        spoken_before = table.separator and table.speaks(context) and table.speaks(ids)
+        assert text == (table.separator if spoken_before else "") + expected, (context, ids)
 
 
 @pytest.mark.parametrize("kind", KINDS)
