@@ -34,33 +34,13 @@ import numpy as np
 
 from bench import models
 from bench.loadgen import CLK_TCK, LoadSpec, run_load, wait_ready
-from bench.services import free_port
+from bench.services import free_port, process_tree
 
 ZERO_COST_LM = models.LMSpec("bench-tiny2", "lstm", embedding_size=8, hidden_size=16, num_layers=1, vocab_size=64)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 # --- the servers' processes and their CPU -------------------------------------------------------------------
-
-def _children(pid: int) -> list[int]:
-    """Every descendant of `pid` (a supervisor's engine and API processes), from /proc."""
-    parents: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        parents.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in parents.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
 
 def _ticks(stat_path: Path) -> int:
     fields = stat_path.read_text().rsplit(")", 1)[1].split()
@@ -87,7 +67,7 @@ def _role(pid: int) -> str:
 def cpu_snapshot(root: int) -> dict[tuple[str, str], int]:
     """CPU ticks of every thread of `root` and its descendants, keyed (process role#pid, thread name#tid)."""
     ticks = {}
-    for pid in [root, *_children(root)]:
+    for pid in [root, *process_tree(root)]:
         role = f"{_role(pid)}#{pid}"
         try:
             tasks = list(Path(f"/proc/{pid}/task").iterdir())

@@ -26,7 +26,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from bench.services import free_port
+from bench.services import free_port, process_tree
 from seqserve.v1 import service_pb2 as pb
 from seqserve.v1 import service_pb2_grpc as pb_grpc
 
@@ -272,12 +272,17 @@ class ServerProcess:
         return f"127.0.0.1:{self.port}"
 
     def cpu_seconds(self) -> float:
-        """CPU seconds of the whole process (every thread)."""
-        return _stat_cpu(Path(f"/proc/{self.process.pid}/stat"))
+        """CPU seconds of the whole server: the process and those it started (engine and API processes),
+        every thread."""
+        return sum(_stat_cpu(Path(f"/proc/{pid}/stat")) for pid in self._pids())
 
     def main_thread_cpu_seconds(self) -> float:
-        """CPU seconds of the main thread: the asyncio loop, where grpc.aio and the servicer run."""
-        return _stat_cpu(Path(f"/proc/{self.process.pid}/task/{self.process.pid}/stat"))
+        """CPU seconds of the main threads: the asyncio loops, where grpc.aio and the servicer run (one per
+        API process, and the engine process's)."""
+        return sum(_stat_cpu(Path(f"/proc/{pid}/task/{pid}/stat")) for pid in self._pids())
+
+    def _pids(self) -> list[int]:
+        return [self.process.pid, *process_tree(self.process.pid)]
 
     def metrics(self, model: str) -> dict[str, float]:
         """The engine histograms' sums and counts for `model` (seqserve only)."""
@@ -303,7 +308,10 @@ class ServerProcess:
 
 
 def _stat_cpu(path: Path) -> float:
-    fields_ = path.read_text().rsplit(")", 1)[1].split()
+    try:
+        fields_ = path.read_text().rsplit(")", 1)[1].split()
+    except OSError:  # a process that ended meanwhile
+        return 0.0
     return (int(fields_[11]) + int(fields_[12])) / CLK_TCK  # utime + stime
 
 

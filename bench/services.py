@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -19,6 +20,27 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def process_tree(pid: int) -> list[int]:
+    """Every descendant of `pid` (a server's engine and API processes), from /proc."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        parents.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
 
 
 class RedisServer:
@@ -69,7 +91,7 @@ class ServeProcess:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "seqserve.cli", "serve", "--repository", str(repository), "--port", str(port),
              "--session-store", session_store], env=settings, cwd=cwd, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, text=True)
+            stderr=subprocess.PIPE, text=True, start_new_session=True)  # its group: the server's processes
         self.log: list[str] = []
         serving = threading.Event()
         self.port = None
@@ -110,10 +132,20 @@ class ServeProcess:
         return entries
 
     def kill(self) -> None:
-        """SIGKILL: no drain, no flush, nothing the process could still do."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
+        """SIGKILL to every process of the server (the supervisor's process group: an engine process and API
+        processes, if it runs several), as when its container is killed: no drain, no flush, nothing any of
+        them could still do. Returns once none of them is left."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait(timeout=30)
+        give_up = time.monotonic() + 30
+        while time.monotonic() < give_up:  # the children are reaped by init, a moment later
+            try:
+                os.killpg(self.process.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.005)
+        raise RuntimeError(f"processes of the killed server (group {self.process.pid}) are still there")
 
     def stop(self) -> None:
         if self.process.poll() is None:

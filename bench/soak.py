@@ -36,6 +36,7 @@ from bench.loadgen import (
     start_seqserve,
     wait_ready,
 )
+from bench.services import process_tree
 from seqserve.v1 import service_pb2 as pb
 from seqserve.v1 import service_pb2_grpc as pb_grpc
 
@@ -121,8 +122,28 @@ def server_counts(metrics_port: int) -> collections.Counter:
 
 
 def rss_mib(pid: int) -> float:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M).group(1)) / 1024
+    """Resident memory of the server: the process and every process it started (an engine process and API
+    processes when it runs several)."""
+    total = 0
+    for member in (pid, *process_tree(pid)):
+        try:
+            status = Path(f"/proc/{member}/status").read_text()
+        except OSError:  # ended meanwhile
+            continue
+        total += int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.M).group(1))
+    return total / 1024
+
+
+async def settled_counts(metrics_port: int, expected: collections.Counter, before: collections.Counter,
+                         timeout: float = 10.0) -> collections.Counter:
+    """The server's counts moved since `before`, once they reach `expected` or `timeout` passed: a call is
+    counted as it ends on the server, a moment after its client had the last answer."""
+    give_up = time.monotonic() + timeout
+    while True:
+        moved = server_counts(metrics_port) - before
+        if moved == expected or time.monotonic() > give_up:
+            return moved
+        await asyncio.sleep(0.05)
 
 
 def summary(records: list[RequestRecord], seconds: float) -> dict:
@@ -148,7 +169,7 @@ async def soak(args) -> dict:
         for number in range(1, args.rounds + 1):
             before = server_counts(server.metrics_port)
             records, tally, seconds = await run_round(server.target, spec, args.seconds, counter)
-            moved = server_counts(server.metrics_port) - before
+            moved = await settled_counts(server.metrics_port, tally.counts, before)
             row = {"round": number, **summary(records, seconds), "rss_mib": round(rss_mib(server.process.pid), 1),
                    "metrics_agree": moved == tally.counts,
                    "client_counts": {f"{rpc}/{code}": n for (rpc, code), n in sorted(tally.counts.items())}}

@@ -26,22 +26,23 @@ import threading
 import time
 
 import grpc
-import prometheus_client
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from seqserve.v1 import service_pb2
 from seqserve.v1 import service_pb2_grpc as pb_grpc
 from server.api.auth import BearerTokens, TokenFileError
+from server.api.engine_link import EngineLink, RemoteRegistry, RemoteSequences, RemoteSessions
 from server.api.errors import SERVICE, StatusInterceptor, request_id_var
 from server.api.inference import InferenceServicer, add_to_server
 from server.api.servicer import SeqserveServicer
 from server.config import ConfigError, ServerConfig
 from server.engine import EngineConfig
-from server.errors import Unavailable
-from server.metrics import Metrics
+from server.errors import StartupError, Unavailable
+from server.metrics import Metrics, serve_metrics_http
 from server.registry import ModelRegistry
 from server.sessions import SessionLimits, SessionManager
+from server.sessions.sequences import SequenceMap
 from server.sessions.store import StoreUnavailable
 from server.sessions.stores import open_store
 
@@ -49,10 +50,6 @@ logger = logging.getLogger("server.app")
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-class StartupError(RuntimeError):
-    """The server cannot start as configured (the message names the setting)."""
 
 
 class DrainGate:
@@ -93,11 +90,16 @@ class DrainGate:
 class App:
     """One seqserve server process. `await start()`, then `await drain()` (or `run()` until a signal)."""
 
-    def __init__(self, config: ServerConfig, *, registry=None, metrics=None):
+    def __init__(self, config: ServerConfig, *, registry=None, metrics=None, engine_link: EngineLink | None = None):
         self.config = config
         self.metrics = metrics
         self.registry = registry
-        self.sessions: SessionManager | None = None
+        self.sessions: SessionManager | RemoteSessions | None = None
+        self.sequences: SequenceMap | RemoteSequences | None = None
+        # An API process of a server with several (`server.supervisor`): the models and sessions are the engine
+        # process's, reached through this link; the port is shared with the other API processes; /metrics is
+        # the supervisor's. Without it, one process holds everything.
+        self.engine_link = engine_link
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.gate = DrainGate()
@@ -119,29 +121,40 @@ class App:
             raise ConfigError(str(error)) from None
         if self.metrics is None:
             self.metrics = Metrics()
-        if self.registry is None:
-            self.registry = _make_registry(config, self.metrics)
-        await self.registry.start()
-        limits = _session_limits(config)
-        self.sessions = SessionManager(
-            self.registry, limits, metrics=self.metrics,
-            store=open_store(config.session_store, tombstones=limits.tombstones),
-            signing_key=config.session_signing_key.encode() or None)
-        try:
-            await self.sessions.start()  # opens the store: an unreachable Redis or unwritable file fails here
-        except StoreUnavailable as error:
-            await self.registry.stop(0)
-            raise StartupError(str(error)) from None
+        link = self.engine_link
+        if link is not None:
+            self.registry = RemoteRegistry(link, config.repository_path, config.providers, config.variant)
+            self.sessions = RemoteSessions(link, self.registry)
+            self.sequences = RemoteSequences(link)
+            link.on_change.append(lambda: asyncio.ensure_future(self._update_health()))
+            try:
+                await self.registry.start()
+            except Unavailable as error:
+                raise StartupError(str(error)) from None
+        else:
+            if self.registry is None:
+                self.registry = make_registry(config, self.metrics)
+            await self.registry.start()
+            self.sessions = make_sessions(config, self.registry, self.metrics)
+            self.sequences = SequenceMap()
+            try:
+                await self.sessions.start()  # opens the store: an unreachable Redis or unwritable file fails here
+            except StoreUnavailable as error:
+                await self.registry.stop(0)
+                raise StartupError(str(error)) from None
 
         server = grpc.aio.server(
             interceptors=[StatusInterceptor(observe=self._observe_call, gate=self.gate, auth=tokens)],
+            # One process: a busy port is an error, never a silently shared one. API processes share theirs
+            # (the supervisor checked that nobody else holds it).
             options=[("grpc.max_receive_message_length", config.max_receive_message_bytes),
-                     ("grpc.so_reuseport", 0)])  # a busy port is an error, never a silently shared one
+                     ("grpc.so_reuseport", int(link is not None))])
         pb_grpc.add_SeqserveServicer_to_server(
             SeqserveServicer(self.registry, config.request_limits(), observe_tokens=self._observe_tokens,
-                             sessions=self.sessions), server)
+                             sessions=self.sessions, stream_interval=config.stream_interval_ms / 1000), server)
         add_to_server(InferenceServicer(self.registry, config.request_limits(), sessions=self.sessions,
-                                        observe_tokens=self._observe_tokens), server)  # KServe v2 / Triton
+                                        sequences=self.sequences, observe_tokens=self._observe_tokens,
+                                        stream_interval=config.stream_interval_ms / 1000), server)  # KServe v2
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (service_pb2.DESCRIPTOR.services_by_name["Seqserve"].full_name, health.SERVICE_NAME,
@@ -153,24 +166,23 @@ class App:
             raise OSError(f"cannot listen on {config.host}:{config.port} (in use?)")
         await server.start()
         self._server = server
-        if config.metrics_port >= 0:
-            tls = {}
-            if config.metrics_tls:
-                tls = dict(certfile=config.tls_cert_file, keyfile=config.tls_key_file,
-                           client_cafile=config.tls_client_ca_file or None,
-                           client_auth_required=bool(config.tls_client_ca_file))
-            self._metrics_http, _ = prometheus_client.start_http_server(
-                config.metrics_port, config.host, registry=self.metrics.registry, **tls)
-            self.metrics_port = self._metrics_http.server_port
+        if config.metrics_port >= 0 and link is None:
+            self._metrics_http, self.metrics_port = serve_metrics_http(
+                self.metrics.registry, config.metrics_port, config.host, **config.metrics_tls_files())
         await self._update_health()
-        if config.poll_interval_seconds > 0:
+        if config.poll_interval_seconds > 0 and link is None:  # else the engine process polls
             self._poller = asyncio.create_task(self._poll_forever())
+        if link is not None:
+            logger.info("API process %d serving on %s:%d", link.index, config.host, self.port,
+                        extra={"event": "api_serving", "grpc_port": self.port, "api_process": link.index})
+            return
         logger.info("serving on %s:%d (metrics on port %s)", config.host, self.port, self.metrics_port,
                     extra={"event": "serving", "grpc_port": self.port, "metrics_port": self.metrics_port,
                            "repository": str(config.repository_path)})
 
-    async def run(self) -> int:
-        """Serve until SIGTERM or SIGINT, then drain (a second signal cuts the drain short); exit status 0.
+    async def run(self, on_started=None, signals=(signal.SIGTERM, signal.SIGINT)) -> int:
+        """Serve until one of `signals`, then drain (a second signal cuts the drain short); exit status 0.
+        `on_started()` is called once the server serves.
 
         The gRPC server is left listening (refusing every call with UNAVAILABLE): the caller exits the
         process next (see the module docstring)."""
@@ -183,9 +195,11 @@ class App:
                 self._give_up.set()
             stop.set()
 
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in signals:
             loop.add_signal_handler(signum, on_signal)
         await self.start()
+        if on_started is not None:
+            on_started()
         await stop.wait()
         logger.info("signal received; draining", extra={"event": "draining"})
         await self.drain(stop_server=False)
@@ -236,8 +250,15 @@ class App:
             await self._update_health()
 
     async def _update_health(self) -> None:
-        """Overall health, and per model `seqserve.v1.Seqserve/MODEL`: SERVING when its latest version is."""
+        """Overall health, and per model `seqserve.v1.Seqserve/MODEL`: SERVING when its latest version is
+        (an API process whose engine process is down serves nothing: NOT_SERVING everywhere)."""
         if self._stopped.is_set():
+            return
+        if self.engine_link is not None and not self.engine_link.up:
+            for name in self._known_models:
+                await self.health.set(f"{SERVICE}/{name}", NOT_SERVING)
+            await self.health.set(SERVICE, NOT_SERVING)
+            await self.health.set(health.OVERALL_HEALTH, NOT_SERVING)
             return
         statuses = self.registry.models()
         known = frozenset(status.name for status in statuses)
@@ -299,12 +320,21 @@ def _session_limits(config: ServerConfig) -> SessionLimits:
                          history_tokens=config.max_input_tokens + 1 + config.max_new_tokens)
 
 
-def _make_registry(config: ServerConfig, metrics: Metrics) -> ModelRegistry:
+def make_registry(config: ServerConfig, metrics: Metrics) -> ModelRegistry:
+    """The model registry a server's config describes (not started)."""
     engine_config = EngineConfig(max_rows=config.max_rows_per_step, max_queued=config.max_queue,
                                  limits=config.request_limits())
     return ModelRegistry(config.repository_path, config=engine_config, metrics=metrics, providers=config.providers,
                          session_options=config.session_options, variant=config.variant,
                          drain_seconds=config.drain_grace_seconds)
+
+
+def make_sessions(config: ServerConfig, registry, metrics: Metrics) -> SessionManager:
+    """The session manager of `registry`'s models with the config's limits and store (not started)."""
+    limits = _session_limits(config)
+    return SessionManager(registry, limits, metrics=metrics,
+                          store=open_store(config.session_store, tombstones=limits.tombstones),
+                          signing_key=config.session_signing_key.encode() or None)
 
 
 # --- logs ---------------------------------------------------------------------------------------------------
@@ -328,15 +358,22 @@ class JsonFormatter(logging.Formatter):
 
 
 class _RequestIdFilter(logging.Filter):
+    def __init__(self, process: str | None):
+        super().__init__()
+        self.process = process
+
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id_var.get()
+        if self.process is not None:
+            record.process_role = self.process
         return True
 
 
-def setup_logging(log_format: str = "json", level: str = "info", stream=None) -> None:
-    """Route every logger to one stderr handler in `log_format`; request ids come from the call's context."""
+def setup_logging(log_format: str = "json", level: str = "info", stream=None, process: str | None = None) -> None:
+    """Route every logger to one stderr handler in `log_format`; request ids come from the call's context.
+    `process` (a server of several processes: "engine", "api-0", ...) is named in every line."""
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.addFilter(_RequestIdFilter())
+    handler.addFilter(_RequestIdFilter(process))
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
@@ -398,7 +435,16 @@ GC_THRESHOLDS = (10_000, 10, 10)
 
 
 async def serve(config: ServerConfig) -> int:
-    """Run one server until a signal, drain it, and end the process (its exit status if it failed)."""
+    """Run one server until a signal, drain it, and end the process (its exit status if it failed): one
+    process, or with `api_processes` above 1 a supervisor of an engine process and the API processes."""
+    if config.resolved_api_processes() > 1:
+        from server.supervisor import Supervisor
+
+        status = await Supervisor(config).run()
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
     gc.set_threshold(*GC_THRESHOLDS)  # the process's own server only: embedding programs keep theirs
     app = App(config)
     try:

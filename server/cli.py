@@ -34,6 +34,9 @@ def serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--session-store",
                         help="where sessions live: memory, sqlite:PATH or redis://HOST:PORT[/DB] "
                              "(default: sqlite:state/sessions.db)")
+    parser.add_argument("--api-processes", type=int,
+                        help="gRPC front-end processes beside one engine process; 1 = one process for all "
+                             "(default: chosen from the cores)")
     parser.add_argument("--log-format", choices=("json", "text"), help="log line format (default: json)")
     parser.add_argument("--print-config", action="store_true", help="print the effective settings as TOML and exit")
     return parser
@@ -44,7 +47,7 @@ def serve_main(argv: list[str]) -> int:
     try:
         config = load_config(args.config, repository=args.repository, host=args.host, port=args.port,
                              metrics_port=args.metrics_port, providers=args.providers, log_format=args.log_format,
-                             session_store=args.session_store)
+                             session_store=args.session_store, api_processes=args.api_processes)
     except ConfigError as error:
         print(f"seqserve serve: {error}", file=sys.stderr)
         return EXIT_CONFIG

@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
+import time
 import uuid
 
 import grpc
@@ -37,6 +39,14 @@ RETRY_UNAVAILABLE = json.dumps({"methodConfig": [{
         "Feed", "GenerateInSession", "ForkSession", "GetSession", "CloseSession", "ExportSession")],
     "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.25s", "maxBackoff": "1s", "backoffMultiplier": 2,
                     "retryableStatusCodes": ["UNAVAILABLE"]}}]})
+# A call on a session that a dying process cut (a replica behind a balancer, one of a server's processes)
+# reaches a client as UNAVAILABLE, or through nginx as UNKNOWN or INTERNAL with a transport's words
+# ("Stream removed", ...); ABORTED says another replica won a race. Feed and GenerateInSession carry a
+# request_id, so the server applies them once however often they are sent: they are sent again on those,
+# for up to RETRY_SECONDS (a restarting engine process takes a few), and GetSession and ExportSession
+# (reads) too. docs/sessions.md lists the codes for other clients.
+RETRY_SECONDS = 30.0
+CUT_CALL = re.compile(r"stream removed|socket closed|connection reset|rst_stream|broken pipe|goaway", re.I)
 EXIT_FAILED_CALL = 1
 EXIT_USAGE = 2
 _SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "seed")
@@ -209,6 +219,40 @@ class Client:
             metadata = [*metadata, (SESSION_ID_METADATA, session_id)]
         return getattr(self.stub, method)(request, timeout=self.timeout, metadata=metadata)
 
+    def call_retried(self, method: str, request):
+        """`call`, sent again while the answer is a cut call or a lost race (the request must be one the
+        server applies at most once: it carries a request_id, or it only reads)."""
+        give_up, pause = time.monotonic() + RETRY_SECONDS, 0.1
+        while True:
+            try:
+                return self.call(method, request)
+            except grpc.RpcError as error:
+                if not retryable(error) or time.monotonic() + pause > give_up:
+                    raise
+            time.sleep(pause)
+            pause = min(2 * pause, 2.0)
+
+    def stream_retried(self, method: str, request):
+        """The responses of a streaming call with a request_id, sent again as `call_retried` does: the second
+        attempt (the server replays the generation if it applied it, or runs it again from the same session
+        if it did not) continues where the first was cut, nothing given out twice. A generation that comes
+        out different the second time (sampling without a seed, run again) is an error, not a mix."""
+        give_up, pause = time.monotonic() + RETRY_SECONDS, 0.1
+        given = _Given()
+        while True:
+            try:
+                for response in self.call(method, request):
+                    response = given.rest_of(response)
+                    if response is not None:
+                        yield response
+                return
+            except grpc.RpcError as error:
+                if not retryable(error) or time.monotonic() + pause > give_up:
+                    raise
+            given.attempt()
+            time.sleep(pause)
+            pause = min(2 * pause, 2.0)
+
     def resolve_model(self, name: str | None, kind: int) -> str:
         """The model to use: `name`, or the only model of `kind` on the server."""
         if name:
@@ -326,17 +370,17 @@ def run_session(client: Client, args, as_json: bool) -> None:
     elif action == "feed":
         text = " ".join(args.text)
         _check_utf8("text", text)
-        answer = client.call("Feed", pb.FeedRequest(session_id=args.session_id, text=text,
-                                                    return_log_probs=args.log_probs,
-                                                    request_id=client.request_id or uuid.uuid4().hex))
+        answer = client.call_retried("Feed", pb.FeedRequest(session_id=args.session_id, text=text,
+                                                            return_log_probs=args.log_probs,
+                                                            request_id=client.request_id or uuid.uuid4().hex))
     elif action == "generate":
         request = pb.GenerateInSessionRequest(session_id=args.session_id, options=decoding_options(args),
                                               leave_session_unchanged=args.leave_unchanged,
                                               request_id=client.request_id or uuid.uuid4().hex)
-        _stream(client.call("GenerateInSession", request), as_json)
+        _stream(client.stream_retried("GenerateInSession", request), as_json)
         return
     elif action == "export":
-        answer = client.call("ExportSession", pb.ExportSessionRequest(session_id=args.session_id))
+        answer = client.call_retried("ExportSession", pb.ExportSessionRequest(session_id=args.session_id))
         if args.output == "-":
             sys.stdout.buffer.write(answer.data)
             sys.stdout.flush()
@@ -358,7 +402,8 @@ def run_session(client: Client, args, as_json: bool) -> None:
         method, message = {"fork": ("ForkSession", pb.ForkSessionRequest),
                            "get": ("GetSession", pb.GetSessionRequest),
                            "close": ("CloseSession", pb.CloseSessionRequest)}[action]
-        answer = client.call(method, message(session_id=args.session_id))
+        request = message(session_id=args.session_id)
+        answer = client.call_retried(method, request) if action == "get" else client.call(method, request)
     if as_json:
         _print_json(answer)
     elif action in ("create", "fork", "import"):
@@ -368,6 +413,55 @@ def run_session(client: Client, args, as_json: bool) -> None:
             print(f"{item.log_prob:9.4f}  {item.token!r}")
     else:
         print(answer)
+
+
+def retryable(error: grpc.RpcError) -> bool:
+    """A cut call or a lost race (see CUT_CALL), as opposed to an answer."""
+    code = error.code() if hasattr(error, "code") else None
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED):
+        return True
+    details = error.details() if hasattr(error, "details") else ""
+    return code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL) and bool(CUT_CALL.search(details or ""))
+
+
+class _Given:
+    """What a retried generation stream gave out so far (its text and token ids), so that another attempt
+    gives out only the rest."""
+
+    def __init__(self):
+        self.text, self.ids = "", []
+        self._text, self._ids = "", []  # the current attempt's, from its start
+
+    def attempt(self) -> None:
+        self._text, self._ids = "", []
+
+    def rest_of(self, response):
+        if response.WhichOneof("event") != "chunk":
+            return response
+        chunk = response.chunk
+        seen_text, seen_ids = len(self._text), len(self._ids)
+        self._text += chunk.text
+        self._ids += list(chunk.token_ids)
+        shared = min(len(self._ids), len(self.ids))
+        if self._ids[:shared] != self.ids[:shared] or not (self._text.startswith(self.text)
+                                                           or self.text.startswith(self._text)):
+            raise ClientError("ABORTED", "the generation was cut and, sent again, came out different (sampling "
+                                         "without a seed is drawn anew); its first part was printed above")
+        new_ids = max(0, len(self._ids) - max(len(self.ids), seen_ids))
+        new_text = self._text[max(len(self.text), seen_text):]
+        if not new_ids and not new_text:
+            return None
+        trimmed = pb.GenerateResponse()
+        trimmed.chunk.CopyFrom(chunk)
+        skip = len(chunk.token_ids) - new_ids
+        del trimmed.chunk.token_ids[:skip]
+        del trimmed.chunk.tokens[:skip]
+        del trimmed.chunk.log_probs[:skip]
+        del trimmed.chunk.top_log_probs[:skip]
+        trimmed.chunk.first_token_index = chunk.first_token_index + skip
+        trimmed.chunk.text = new_text
+        self.text, self.ids = max(self.text, self._text, key=len), max(self.ids, self._ids, key=len)
+        return trimmed
 
 
 def _stream(responses, as_json: bool) -> None:

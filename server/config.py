@@ -80,6 +80,14 @@ class ServerConfig:
     tls_key_file: str = ""  # PEM private key of tls_cert_file
     tls_client_ca_file: str = ""  # PEM CA bundle: clients must present a certificate it signed (mutual TLS)
     metrics_tls: bool = False  # serve /metrics over HTTPS with the same certificate (and client CA)
+    # --- processes and the wire
+    # gRPC front-end processes sharing the port beside one engine process (models, sessions, store); each holds
+    # TLS, auth, both APIs, tokenization and detokenization. 0 = chosen from the cores (`api_processes_for`);
+    # 1 = one process does everything. Only `seqserve serve` reads it (an embedded App is one process).
+    api_processes: int = 0
+    # 0: a stream sends as soon as it can, the tokens ready together in one message; > 0: at most one message
+    # per stream per interval (the tokens of the interval together; a stream's last message is never held)
+    stream_interval_ms: float = 0.0
     # --- lifecycle
     poll_interval_seconds: float = 5.0  # rescan the repository for new versions this often; 0 = never
     drain_grace_seconds: float = 30.0  # on SIGTERM, in-flight requests get this long to finish
@@ -129,11 +137,26 @@ class ServerConfig:
                                                    and len(self.session_store) > len("sqlite:"))
                or self.session_store.startswith(("redis://", "rediss://", "unix://")), "session_store",
                self.session_store, "memory, sqlite:PATH or redis://HOST:PORT[/DB]")
+        _check(0 <= self.api_processes <= MAX_API_PROCESSES, "api_processes", self.api_processes,
+               f"in [0, {MAX_API_PROCESSES}] (0 = chosen from the cores, 1 = one process)")
+        _check(0 <= self.stream_interval_ms <= 60_000, "stream_interval_ms", self.stream_interval_ms,
+               "in [0, 60000] milliseconds (0 = send as soon as a stream can)")
         _check(self.poll_interval_seconds >= 0, "poll_interval_seconds", self.poll_interval_seconds,
                ">= 0 (0 = never)")
         _check(self.drain_grace_seconds >= 0, "drain_grace_seconds", self.drain_grace_seconds, ">= 0")
         _check(self.log_format in LOG_FORMATS, "log_format", self.log_format, "one of " + ", ".join(LOG_FORMATS))
         _check(self.log_level in LOG_LEVELS, "log_level", self.log_level, "one of " + ", ".join(LOG_LEVELS))
+
+    def metrics_tls_files(self) -> dict[str, str]:
+        """The certificate files /metrics is served with (none unless `metrics_tls`)."""
+        if not self.metrics_tls:
+            return {}
+        return {"tls_cert_file": self.tls_cert_file, "tls_key_file": self.tls_key_file,
+                "tls_client_ca_file": self.tls_client_ca_file}
+
+    def resolved_api_processes(self) -> int:
+        """`api_processes`, or when it is 0 the count for this machine's cores (`api_processes_for`)."""
+        return self.api_processes or api_processes_for(_usable_cores())
 
     def request_limits(self) -> RequestLimits:
         """The limits requests are validated against, by the API edge and the engine alike."""
@@ -168,6 +191,26 @@ class ServerConfig:
         """A copy with `changes` applied (None values are ignored, so unset flags change nothing)."""
         changes = {key: value for key, value in changes.items() if value is not None}
         return dataclasses.replace(self, **_coerce_all(changes, "override")) if changes else self
+
+
+MAX_API_PROCESSES = 64
+
+
+def api_processes_for(cores: int) -> int:
+    """API processes for a machine of `cores` cores: one process alone on a single core (a second would only
+    add the IPC); else half the cores, at least 2 and at most 8. The engine process needs a core or two of
+    its own (its step loop, ONNX Runtime's threads); each API process carries tens of thousands of messages
+    per second (docs/architecture.md, "Processes")."""
+    if cores <= 1:
+        return 1
+    return min(max(2, cores // 2), 8)
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # honours taskset and cpusets (containers' --cpuset-cpus)
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def load_config(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None,

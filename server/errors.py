@@ -97,3 +97,7 @@ class Aborted(SeqserveError):
     """An operation lost a race with another replica on the same session and was not applied; retry it."""
 
     code = "ABORTED"
+
+
+class StartupError(RuntimeError):
+    """The server cannot start as configured (the message names the setting); not an answer to a call."""

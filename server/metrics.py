@@ -12,9 +12,15 @@ record the `session*` metrics.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 PREFIX = "seqserve"
+# Several processes of one server (API processes beside an engine process) keep their values in files that
+# the supervisor's /metrics adds up (prometheus_client's multiprocess mode): counters and histograms sum, and
+# each gauge is the sum over the live processes.
+MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
 # Buckets in seconds (base units) or rows, each fitted to what it measures.
 TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -52,7 +58,8 @@ class Metrics:
         self.queue_wait_seconds = Histogram(
             name("queue_wait_seconds"), "Time a request waited for rows before its prefill.",
             ["model"], buckets=QUEUE_WAIT_BUCKETS, registry=r)
-        self.queue_depth = Gauge(name("queue_depth"), "Requests waiting for rows.", ["model"], registry=r)
+        self.queue_depth = Gauge(name("queue_depth"), "Requests waiting for rows.", ["model"], registry=r,
+                                 multiprocess_mode="livesum")
         self.batch_size = Histogram(name("batch_size"), "Rows advanced by one decode step.", ["model"],
                                     buckets=BATCH_SIZE_BUCKETS, registry=r)
         self.decode_step_duration_seconds = Histogram(
@@ -69,20 +76,21 @@ class Metrics:
             "Requests that ended, by reason (eos, length, stop, cancelled, deadline, error).",
             ["model", "reason"], registry=r)
         self.active_rows = Gauge(name("active_rows"), "Batch rows in use (a beam request uses beam_size).",
-                                 ["model"], registry=r)
+                                 ["model"], registry=r, multiprocess_mode="livesum")
         self.model_info = Gauge(name("model_info"),
                                 "1 for every loaded model version, with the execution provider it obtained.",
-                                ["model", "version", "cell", "provider"], registry=r)
+                                ["model", "version", "cell", "provider"], registry=r, multiprocess_mode="livesum")
         self.model_load_duration_seconds = Histogram(
             name("model_load_duration_seconds"), "Time to verify and open a bundle.", ["model"],
             buckets=LOAD_BUCKETS, registry=r)
         # sessions
-        self.sessions_active = Gauge(name("sessions_active"), "Open sessions.", ["model"], registry=r)
+        self.sessions_active = Gauge(name("sessions_active"), "Open sessions.", ["model"], registry=r,
+                                     multiprocess_mode="livesum")
         self.sessions_evicted_total = Counter(name("sessions_evicted_total"),
                                               "Sessions closed by the server, by reason.", ["model", "reason"],
                                               registry=r)
         self.session_state_bytes = Gauge(name("session_state_bytes"), "Bytes of parked session state.",
-                                         ["model"], registry=r)
+                                         ["model"], registry=r, multiprocess_mode="livesum")
         self.session_store_seconds = Histogram(
             name("session_store_seconds"), "Time of one session store call (a write includes its commit).",
             ["op"], buckets=STORE_BUCKETS, registry=r)
@@ -132,7 +140,23 @@ class ModelMetrics:
         self.metrics.model_info.labels(model=self.model, version=str(version), cell=cell, provider=provider).set(1)
 
     def clear_info(self, version: int, cell: str, provider: str) -> None:
+        labels = (self.model, str(version), cell, provider)
+        if MULTIPROCESS:  # a series cannot be removed from the processes' shared files: it reads 0 from now on
+            self.metrics.model_info.labels(*labels).set(0)
+            return
         try:
-            self.metrics.model_info.remove(self.model, str(version), cell, provider)
+            self.metrics.model_info.remove(*labels)
         except KeyError:
             pass
+
+
+def serve_metrics_http(registry: CollectorRegistry, port: int, host: str, *, tls_cert_file: str = "",
+                       tls_key_file: str = "", tls_client_ca_file: str = ""):
+    """/metrics over HTTP (HTTPS with a certificate; a client CA makes it mutual) on a thread of its own:
+    (the server, its bound port)."""
+    tls = {}
+    if tls_cert_file:
+        tls = dict(certfile=tls_cert_file, keyfile=tls_key_file, client_cafile=tls_client_ca_file or None,
+                   client_auth_required=bool(tls_client_ca_file))
+    server, _ = start_http_server(port, host, registry=registry, **tls)
+    return server, server.server_port

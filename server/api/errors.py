@@ -156,7 +156,10 @@ class _Call:
         request_id_var.set(self.request_id)
 
     async def begin(self) -> None:
-        await self.context.send_initial_metadata(((REQUEST_ID_HEADER, self.request_id),))
+        try:
+            await self.context.send_initial_metadata(((REQUEST_ID_HEADER, self.request_id),))
+        except Exception as error:  # gRPC can send nothing on this call: it ended (deadline, client gone)
+            raise asyncio.CancelledError(f"{self.rpc} ended before it began") from error
         if isinstance(self.request, Undecodable):
             raise self.request.error
         auth = self.owner._auth

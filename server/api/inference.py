@@ -75,8 +75,10 @@ class InferenceServicer:
 
     def __init__(self, registry, limits: RequestLimits, *, sessions: SessionManager,
                  sequences: SequenceMap | None = None,
-                 observe_tokens: Callable[[str, float | None, float], None] | None = None):
+                 observe_tokens: Callable[[str, float | None, float], None] | None = None,
+                 stream_interval: float = 0.0):
         self._registry = registry
+        self._stream_interval = stream_interval  # seconds between a streamed generation's responses (0: none)
         self._limits = limits
         self._sessions = sessions
         self._observe_tokens = observe_tokens or (lambda *args: None)
@@ -309,7 +311,10 @@ class InferenceServicer:
                     response = self._response(model, request)
                     tensors.add_text_output(response, [text], [1])
                     tensors.set_parameter(response, tensors.FINAL_RESPONSE, False)
+                    taken = asyncio.get_running_loop().time()
                     yield response
+                    if self._stream_interval:
+                        await stream.hold(taken + self._stream_interval)
                 finish = next((event for event in events if isinstance(event, FinishEvent)), None)
                 if finish is not None:
                     break

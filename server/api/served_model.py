@@ -1,12 +1,12 @@
 """One engine's model as both APIs see it: its identity, its tokenizers (texts in, with the input caps of
-`server.text_input`), and its answers as seqserve.v1 messages."""
+`server.text.input`), and its answers as seqserve.v1 messages."""
 
 from __future__ import annotations
 
 from seqserve.v1 import service_pb2 as pb
 from server.api import convert
 from server.engine.requests import FinishEvent, TokenEvent
-from server.text_input import check_input_chars, encode_text
+from server.text.input import check_input_chars, encode_text
 
 
 class ServedModel:

@@ -43,10 +43,11 @@ class SeqserveServicer(pb_grpc.SeqserveServicer):
 
     def __init__(self, registry, limits: RequestLimits,
                  observe_tokens: Callable[[str, float | None, float], None] | None = None,
-                 sessions: SessionManager | None = None):
+                 sessions: SessionManager | None = None, stream_interval: float = 0.0):
         self._registry = registry
         self._limits = limits
         self._sessions = sessions if sessions is not None else SessionManager(registry)
+        self._stream_interval = stream_interval  # seconds; 0: a stream sends whenever it can
         # observe_tokens(model, seconds since the previous chunk (None for the first), seconds since start)
         self._observe_tokens = observe_tokens or (lambda *args: None)
 
@@ -87,7 +88,7 @@ class SeqserveServicer(pb_grpc.SeqserveServicer):
         tokens = TokenLog()
         # The proto promises beam translations no chunks: the full n-best list comes in .done.
         async for item in self._chunks(stream, model, tokens, arrived, pb.TranslateStreamResponse,
-                                       send_tokens=params.strategy != "beam"):
+                                       send_tokens=params.strategy != "beam", batches=self._ready_batches):
             if not isinstance(item, FinishEvent):
                 yield item  # a chunk
                 continue
@@ -106,7 +107,8 @@ class SeqserveServicer(pb_grpc.SeqserveServicer):
         prompt_ids = await model.encode_prompt(request.prompt)
         stream = model.engine.submit(GenerationRequest(request_id_var.get(), prompt_ids, params,
                                                        deadline=_deadline(context)))
-        async for item in self._chunks(stream, model, TokenLog(), arrived, pb.GenerateResponse):
+        async for item in self._chunks(stream, model, TokenLog(), arrived, pb.GenerateResponse,
+                                       batches=self._ready_batches):
             if not isinstance(item, FinishEvent):
                 yield item  # a chunk
                 continue
@@ -162,7 +164,7 @@ class SeqserveServicer(pb_grpc.SeqserveServicer):
 
     async def GenerateInSession(self, request: pb.GenerateInSessionRequest, context
                                 ) -> AsyncIterator[pb.GenerateResponse]:
-        async for response in self._generate_in_session(request, request_id_var.get(), _ready_batches):
+        async for response in self._generate_in_session(request, request_id_var.get(), self._ready_batches):
             yield response
 
     async def ForkSession(self, request: pb.ForkSessionRequest, context) -> pb.Session:
@@ -235,6 +237,9 @@ class SeqserveServicer(pb_grpc.SeqserveServicer):
 
     # --- helpers ---------------------------------------------------------------------------------------
 
+    def _ready_batches(self, stream) -> AsyncIterator[list]:
+        return ready_batches(stream, self._stream_interval)
+
     async def _model(self, name: str, version: int, rpc: str) -> ServedModel:
         name, version = _checked_name(name, version)
         engine = await self._registry.get(name, version)
@@ -252,11 +257,11 @@ class SeqserveServicer(pb_grpc.SeqserveServicer):
         several are ready), then the stream's FinishEvent.
 
         `arrived` (perf_counter) is when the call came in: time to first token counts from there.
-        `batches` groups the events (default `_ready_batches`: whatever piled up).
+        `batches` groups the events (default: whatever piled up, at once).
         """
         previous = arrived
         observe, name, perf_counter = self._observe_tokens, model.name, time.perf_counter
-        async for events in (batches or _ready_batches)(stream):
+        async for events in (batches or ready_batches)(stream):
             if len(events) == 1:  # the usual: one engine step's tokens (or the finish event alone)
                 token_events = events if isinstance(events[0], TokenEvent) else ()
             else:
@@ -289,19 +294,25 @@ async def _collect(stream) -> tuple[FinishEvent, TokenLog]:
     raise SeqserveError(f"request {stream.request_id} ended without a result")  # INTERNAL: an engine bug
 
 
-async def _ready_batches(stream) -> AsyncIterator[list]:
+async def ready_batches(stream, interval: float = 0.0) -> AsyncIterator[list]:
     """The stream's events in lists: whatever was ready when the consumer came back for more.
 
     The engine queues its events on the stream as it produces them; the consumer (the gRPC writer, held
-    back by flow control) takes everything that piled up at once (`stream.next_batch()`). Leaving early
-    (client gone) cancels the engine request.
+    back by flow control) takes everything that piled up at once (`stream.next_batch()`). With `interval`
+    (seconds) it comes back no sooner than that after its last take, unless the stream ended meanwhile
+    (`stream.hold`): at most one message per interval, the last one never held. Leaving early (client
+    gone) cancels the engine request.
     """
+    loop = asyncio.get_running_loop()
     try:
         while True:
             events = await stream.next_batch()
             if not events:
                 return
+            taken = loop.time()
             yield events
+            if interval:
+                await stream.hold(taken + interval)
     finally:
         stream.cancel()
 

@@ -31,12 +31,11 @@ from server.bundle.sessions import (
     provider_name,
     resolve_providers,
 )
+from server.bundle.tokenizers import open_tokenizers
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_VARIANT = "fp32"
-# The special tokens every seqserve tokenizer carries (docs/architecture.md), by manifest field.
-_SPECIAL_TOKENS = {"pad_id": "<pad>", "bos_id": "<bos>", "eos_id": "<eos>", "unk_id": "<unk>"}
 
 
 @dataclass(frozen=True)
@@ -146,10 +145,7 @@ def load_bundle(
         role: _open_graph(bundle_dir, spec, model_spec.graphs[role], options, resolved)
         for role, spec in sorted(graph_specs.items())
     }
-    tokenizers = {
-        role: _open_tokenizer(bundle_dir, manifest, role, file_name)
-        for role, file_name in sorted(manifest.tokenizers.items())
-    }
+    tokenizers = open_tokenizers(bundle_dir, manifest)
 
     obtained = _common_providers(list(graphs.values()))
     bundle = LoadedBundle(
@@ -191,33 +187,6 @@ def _open_graph(
     if problems:
         raise BundleError(f"bundle {bundle_dir}: graph I/O mismatch: " + "; ".join(problems))
     return LoadedGraph(spec=spec, io=io, session=session, providers=tuple(session.get_providers()))
-
-
-def _open_tokenizer(bundle_dir: Path, manifest: Manifest, role: str, file_name: str) -> Tokenizer:
-    try:
-        tokenizer = Tokenizer.from_file(str(bundle_dir / file_name))
-    except Exception as error:  # tokenizers raises a bare Exception for unreadable files
-        raise BundleError(f"bundle {bundle_dir}: tokenizer {file_name} cannot be loaded: {error}") from error
-    # Training encoded "<eos>" typed in text as plain characters; the flag is not saved in the file.
-    tokenizer.encode_special_tokens = True
-    problems = []
-    for field, token in _SPECIAL_TOKENS.items():
-        expected_id = getattr(manifest.special_tokens, field)
-        actual_id = tokenizer.token_to_id(token)
-        if actual_id is None:
-            problems.append(f"has no {token} token")
-        elif actual_id != expected_id:
-            problems.append(
-                f"has {token} at id {actual_id}, the manifest's special_tokens.{field} is {expected_id}"
-            )
-    # The model's vocabulary may be padded beyond the tokenizer's, never the other way round.
-    model_vocab = manifest.sizes.source_vocab_size if role == "source" else manifest.sizes.vocab_size
-    tokenizer_vocab = tokenizer.get_vocab_size(with_added_tokens=True)
-    if tokenizer_vocab > model_vocab:
-        problems.append(f"has {tokenizer_vocab} tokens, more than the model's vocabulary of {model_vocab}")
-    if problems:
-        raise BundleError(f"bundle {bundle_dir}: tokenizer {file_name} ({role}) " + "; ".join(problems))
-    return tokenizer
 
 
 def _check_parity(bundle_dir: Path, manifest: Manifest, variant: str, allow_failed: bool) -> None:

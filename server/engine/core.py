@@ -35,9 +35,9 @@ from server.engine.beams import BeamGroupStep, step_beam_group
 from server.engine.requests import Event, FeedRequest, GenerationRequest, State, TranslationRequest
 from server.engine.runner import Runner
 from server.engine.scheduler import Entry, Plan
-from server.engine.text import TextStream
-from server.engine.token_table import TokenTable
 from server.engine.tracking import Tracked
+from server.text.stream import TextStream
+from server.text.table import TokenTable
 
 
 @dataclass

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from server.decoding import DecodingParams, FinishReason, Hypothesis
-from server.engine.token_table import TableDecoder, TokenTable
+from server.text.table import TableDecoder, TokenTable
 
 State = tuple[np.ndarray, ...]
 

@@ -15,8 +15,8 @@ import numpy as np
 from server.decoding import FinishReason, Hypothesis
 from server.engine.requests import FinishEvent, GenerationRequest, State, TokenEvent, TranslationRequest
 from server.engine.scheduler import Entry
-from server.engine.text import TextStream
-from server.engine.token_table import TokenTable
+from server.text.stream import TextStream
+from server.text.table import TokenTable
 
 # finished_total{reason} labels beyond FinishReason: requests that ended without finishing.
 DEADLINE_LABEL = "deadline"

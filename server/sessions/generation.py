@@ -44,11 +44,13 @@ class SessionGeneration(RequestStream):
     """
 
     def __init__(self, manager: SessionHost, session_id: str, turn: Turn, params: DecodingParams,
-                 leave_unchanged: bool, request_id: str, retry_id: str = ""):
+                 leave_unchanged: bool, request_id: str, retry_id: str = "", *, end_taken_by_owner: bool = False):
         loop = asyncio.get_running_loop()
         self._taken = loop.create_future()  # the caller took the FinishEvent (or what ended the stream), or left
+        # With `end_taken_by_owner`, the one who takes the events only passes them on (to another process):
+        # the session's next operation waits for `end_taken()`, said when the real caller took the finish.
         super().__init__(request_id, params, on_cancel=self._stop_engine_request,
-                         on_end_taken=lambda: _set(self._taken))
+                         on_end_taken=None if end_taken_by_owner else self.end_taken)
         self.session_id = session_id
         self.retry_id = retry_id  # a client's id: a generation the session already applied is replayed
         self.tokens_consumed: int | None = None
@@ -61,6 +63,10 @@ class SessionGeneration(RequestStream):
     async def ready(self) -> SessionEngine:
         """The engine the generation runs on, once it is submitted; raises what stopped it before that."""
         return await asyncio.shield(self._ready)
+
+    def end_taken(self) -> None:
+        """The caller took the FinishEvent (or what ended the stream): the session's next operation may run."""
+        _set(self._taken)
 
     def cancel(self) -> None:
         """The caller is gone: stop generating; what was generated so far is parked in the session."""

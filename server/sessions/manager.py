@@ -38,7 +38,7 @@ from server.sessions.port import SessionEngine
 from server.sessions.record import SessionRecord
 from server.sessions.store import InMemorySessionStore, MeasuredStore, SessionStore, StoreConflict, StoredSession
 from server.sessions.transfer import pack, unpack
-from server.text_input import encode_text
+from server.text.input import encode_text
 
 logger = logging.getLogger(__name__)
 
@@ -261,7 +261,7 @@ class SessionManager:
                         raise _aborted(session_id, "Feed") from None
 
     def generate(self, session_id: str, params: DecodingParams, *, leave_unchanged: bool = False,
-                 request_id: str = "", retry_id: str = "") -> SessionGeneration:
+                 request_id: str = "", retry_id: str = "", end_taken_by_owner: bool = False) -> SessionGeneration:
         """Acknowledge a generation now (its place in the session's order); iterate the result for events.
 
         FailedPrecondition if the session already has a generation acknowledged and not over. A `retry_id`
@@ -274,7 +274,8 @@ class SessionManager:
                                      "generation at a time (wait for it to finish or cancel it)")
         turn = self._join(session_id, generates=True)
         generation = SessionGeneration(self, session_id, turn, params, leave_unchanged,
-                                       request_id or secrets.token_hex(8), retry_id)
+                                       request_id or secrets.token_hex(8), retry_id,
+                                       end_taken_by_owner=end_taken_by_owner)
         self._keep(generation.task)
         return generation
 

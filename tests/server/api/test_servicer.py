@@ -8,7 +8,7 @@ import asyncio
 import pytest
 from request_events import finish, stream, token
 
-from server.api.servicer import _one_at_a_time, _ready_batches
+from server.api.servicer import _one_at_a_time, ready_batches
 from server.errors import DeadlineExceeded
 
 
@@ -16,7 +16,7 @@ def test_ready_batches_coalesce_what_piled_up():
     async def main():
         s, cancelled = stream()
         end = finish()
-        batches = _ready_batches(s)
+        batches = ready_batches(s)
         s.put(token(0))
         assert await anext(batches) == [token(0)]
         s.put(token(1))
@@ -31,13 +31,40 @@ def test_ready_batches_coalesce_what_piled_up():
         s, _ = stream()
         s.put(token(0))
         s.put(end)
-        assert [batch async for batch in _ready_batches(s)] == [[token(0), end]]
+        assert [batch async for batch in ready_batches(s)] == [[token(0), end]]
         assert not s.cancelled  # it finished: nothing to cancel
 
     asyncio.run(main())
 
 
-@pytest.mark.parametrize("batches", [_ready_batches, _one_at_a_time])
+def test_an_interval_holds_a_stream_between_messages_but_never_its_end():
+    async def main():
+        loop = asyncio.get_running_loop()
+        s, _ = stream()
+        batches = ready_batches(s, interval=3600.0)
+        s.put(token(0))
+        assert await anext(batches) == [token(0)]
+        later = asyncio.create_task(anext(batches))
+        s.put(token(1))
+        s.put(token(2))
+        await asyncio.sleep(0.05)
+        assert not later.done()  # held: the tokens wait for the interval
+        end = finish()
+        started = loop.time()
+        s.put(end)  # the end is not held: what piled up goes out with it at once
+        assert await asyncio.wait_for(later, 5) == [token(1), token(2), end] and loop.time() - started < 5
+
+        s, _ = stream()
+        batches = ready_batches(s, interval=0.05)
+        s.put(token(0))
+        assert await anext(batches) == [token(0)]
+        s.put(token(1))
+        assert await asyncio.wait_for(anext(batches), 5) == [token(1)]  # after the interval
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("batches", [ready_batches, _one_at_a_time])
 def test_a_consumer_that_leaves_cancels_the_request(batches):
     async def main():
         s, cancelled = stream()

@@ -9,7 +9,7 @@ import pytest
 
 from server.decoding import DecodingParams
 from server.engine import FinishEvent, GenerationRequest, ModelEngine, TokenEvent
-from server.engine.token_table import TokenTable
+from server.text.table import TokenTable
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

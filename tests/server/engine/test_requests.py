@@ -12,8 +12,8 @@ from request_events import finish, stream, token
 
 from server.decoding import DecodingParams
 from server.engine.requests import FinishEvent, RequestStream, StepOutput, StreamTable, TokenEvent
-from server.engine.token_table import TokenTable
 from server.errors import DeadlineExceeded
+from server.text.table import TokenTable
 
 
 def test_next_batch_takes_every_ready_event_then_ends():

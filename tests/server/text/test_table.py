@@ -7,8 +7,8 @@ import random
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from server.engine.text import TextStream
-from server.engine.token_table import TableDecoder, TokenTable
+from server.text.stream import TextStream
+from server.text.table import TableDecoder, TokenTable
 from training.tokenizer import train_tokenizer
 
 CORPUS = ["héllo wörld, the cat sat on the mat", "日本語 text with ünïcode — and emoji 🙂🙃",

@@ -6,7 +6,7 @@ tokenizers use: byte-level BPE (`decoders.ByteLevel`: each character of a token 
 the text is the bytes decoded as UTF-8, an invalid sequence replaced by U+FFFD), char (`decoders.Fuse`:
 the tokens' strings concatenated) and word (no decoder: the tokens joined by one space). `build`
 returns None for any other decoder, or if a check against `decode` finds a difference; the engine
-then decodes windows of ids as before (`server.engine.text.IncrementalDecoder`).
+then decodes windows of ids as before (`server.text.stream.IncrementalDecoder`).
 """
 
 from __future__ import annotations

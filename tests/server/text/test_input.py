@@ -9,7 +9,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from server.errors import InvalidArgument
-from server.text_input import INLINE_CHARS, encode_text, input_char_limit, longest_token_chars
+from server.text.input import INLINE_CHARS, encode_text, input_char_limit, longest_token_chars
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from tokenizers import Tokenizer
 
-from server.engine.token_table import TableDecoder, TokenTable
+from server.text.table import TableDecoder, TokenTable
 
 # Ids decoded again with every new token: enough for a multi-byte character or a word boundary.
 _CONTEXT_TOKENS = 4

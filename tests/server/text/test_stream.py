@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from server.engine.text import IncrementalDecoder, TextStream
+from server.text.stream import IncrementalDecoder, TextStream
 from training.tokenizer import train_tokenizer
 
 CORPUS = ["héllo wörld, the cat sat on the mat", "日本語 text with ünïcode — and emoji 🙂",

@@ -1,0 +1,354 @@
+"""The engine process of a server with several API processes: the models (registry, engines, ONNX Runtime),
+the sessions and their store, and the IPC end the API processes talk to (`server.ipc`).
+
+It holds no gRPC server. Each API process is a peer on one ROUTER socket: its generations and
+translations run as requests of the engines whose outputs go to the peer one step at a time
+(`_Peer.deliver`: one OUT message per engine step); its session operations, pinned-version loads and
+Triton sequence lookups are CALLs answered by REPLY; the model table goes to every peer after every
+change. A peer that says HELLO again (a restarted API process) or falls silent has its requests
+cancelled, as a disconnected client's are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import zmq
+import zmq.asyncio
+
+from server import ipc
+from server.config import ServerConfig
+from server.engine.requests import Consumer, FinishEvent, StepOutput
+from server.errors import SeqserveError, Unavailable
+from server.metrics import Metrics
+from server.registry import ModelRegistry
+from server.sessions import SessionManager
+from server.sessions.generation import SessionGeneration
+from server.sessions.sequences import SequenceMap
+from server.sessions.store import StoreUnavailable
+
+logger = logging.getLogger(__name__)
+
+
+class _Peer(Consumer):
+    """One API process as the engines' consumer: its requests' outputs go to it over the socket."""
+
+    def __init__(self, host: EngineProcess, identity: bytes, index: int, pid: int):
+        super().__init__()
+        self.host, self.identity, self.index, self.pid = host, identity, index, pid
+        self.heard = time.monotonic()
+        self.requests: dict[int, tuple] = {}  # key -> (engine, slot) of a generation or translation
+        self.generations: dict[int, SessionGeneration] = {}  # key -> a session generation it asked for
+        self._posted: list[tuple[int, object]] = []  # session generations' events, sent once per loop pass
+
+    def deliver(self, output: StepOutput) -> None:
+        for key, item in output.events:
+            if isinstance(item, (FinishEvent, BaseException)):
+                self.requests.pop(key, None)
+        self.host.send(self.identity, ipc.OUT, output)
+
+    def post(self, key: int, item) -> None:
+        """An event (or error) of one key outside any engine step; the pass's events leave together."""
+        if not self._posted:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._posted.append((key, item))
+
+    def _flush(self) -> None:
+        events, self._posted = self._posted, []
+        self.host.send(self.identity, ipc.OUT, StepOutput(_NO_IDS, _NO_IDS, events))
+
+    def end(self) -> None:
+        """The API process is gone: its requests stop (session generations park what they made)."""
+        for engine, slot in self.requests.values():
+            engine.cancel(slot)
+        for generation in self.generations.values():
+            generation.cancel()
+        self.requests.clear()
+        self.generations.clear()
+
+
+class EngineProcess:
+    """Registry + sessions + the socket the API processes reach them through."""
+
+    def __init__(self, config: ServerConfig, runtime: Path, *, metrics: Metrics | None = None):
+        from server.app import make_registry, make_sessions  # the one place both kinds of process build them
+
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.registry: ModelRegistry = make_registry(config, self.metrics)
+        self.sessions: SessionManager = make_sessions(config, self.registry, self.metrics)
+        self.sequences = SequenceMap()
+        self.endpoint = f"ipc://{runtime / ipc.ENGINE_SOCKET}"
+        self._socket_path = runtime / ipc.ENGINE_SOCKET
+        self._context = zmq.asyncio.Context()
+        self._socket: zmq.asyncio.Socket | None = None
+        self._peers: dict[bytes, _Peer] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._reader: asyncio.Task | None = None
+        self._watchers: list[asyncio.Task] = []
+        self._table: ipc.ModelTable | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.registry.start()
+        try:
+            await self.sessions.start()
+        except StoreUnavailable:
+            await self.registry.stop(0)
+            raise
+        socket = self._socket = self._context.socket(zmq.ROUTER)
+        socket.setsockopt(zmq.SNDHWM, 0)  # never drop or block an output: its size is bounded by the streams
+        socket.setsockopt(zmq.RCVHWM, 0)
+        socket.setsockopt(zmq.LINGER, 0)
+        self._socket_path.unlink(missing_ok=True)  # an earlier engine process's
+        socket.bind(self.endpoint)
+        os.chmod(self._socket_path, 0o600)
+        self._table = self._model_table()
+        self._reader = asyncio.create_task(self._read_forever(), name="engine ipc reader")
+        self._watchers = [asyncio.create_task(self._watch_peers(), name="engine peer watch")]
+        if self.config.poll_interval_seconds > 0:
+            self._watchers.append(asyncio.create_task(self._poll_forever(), name="repository poll"))
+        logger.info("engine process ready on %s", self.endpoint, extra={"event": "engine_ready"})
+
+    async def stop(self, grace: float) -> None:
+        for task in (*self._watchers, self._reader):
+            if task is not None:
+                task.cancel()
+        for peer in self._peers.values():
+            peer.end()
+        await self.sessions.stop()
+        await self.registry.stop(grace)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._socket is not None:
+            self._socket.close(0)
+        self._context.term()
+
+    async def run(self, ready=None) -> int:
+        """Serve the API processes until SIGTERM; `ready()` is called once they can connect."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        await self.start()
+        if ready is not None:
+            ready()
+        await stop.wait()
+        await self.stop(self.config.drain_grace_seconds)
+        return 0
+
+    # --- the socket -----------------------------------------------------------------------------
+
+    def send(self, identity: bytes, kind: bytes, payload) -> None:
+        if self._socket is None or self._socket.closed:
+            return
+        sent = self._socket.send_multipart([identity, *ipc.encode(kind, payload)], copy=False)
+        if sent.done() and sent.exception() is not None:
+            logger.warning("sending to %s failed: %s", identity, sent.exception())
+
+    async def _read_forever(self) -> None:
+        handlers = {ipc.HELLO: self._hello, ipc.CALL: self._call, ipc.SUBMIT: self._submit,
+                    ipc.SESSION_GENERATE: self._session_generate, ipc.CANCEL: self._cancel, ipc.TAKEN: self._taken,
+                    ipc.BEAT: lambda peer, payload: None}
+        while True:
+            frames = await self._socket.recv_multipart(copy=False)
+            identity = frames[0].bytes
+            try:
+                kind, payload = ipc.decode(frames[1:])
+                peer = self._peers.get(identity)
+                if kind == ipc.HELLO:
+                    self._hello(identity, payload)
+                elif peer is None:
+                    logger.warning("a message from %r, which said no HELLO; ignored", identity)
+                else:
+                    peer.heard = time.monotonic()
+                    handlers[kind](peer, payload)
+            except Exception:  # one bad message must not end the engine's reader
+                logger.exception("message from %r failed", identity)
+
+    def _hello(self, identity: bytes, payload) -> None:
+        index, pid = payload
+        for old in [p for p in self._peers.values() if p.index == index and p.identity != identity]:
+            logger.info("API process %d restarted (pid %d -> %d); ending what the old one left running",
+                        index, old.pid, pid)
+            old.end()
+            del self._peers[old.identity]
+        peer = self._peers.get(identity)
+        if peer is None:
+            peer = self._peers[identity] = _Peer(self, identity, index, pid)
+        self.send(identity, ipc.MODELS, self._table)
+
+    def _spawn(self, coroutine, name: str) -> None:
+        task = asyncio.create_task(coroutine, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- requests ---------------------------------------------------------------------------------
+
+    def _submit(self, peer: _Peer, payload) -> None:
+        key, model, version, request = payload
+        self._spawn(self._run_submit(peer, key, model, version, request), f"submit {request.request_id}")
+
+    async def _run_submit(self, peer: _Peer, key: int, model: str, version: int, request) -> None:
+        try:
+            engine = await self.registry.get(model, version)
+            slot = engine.submit_for(request, peer, key)
+        except Exception as error:  # noqa: BLE001 - the request's error, answered on its stream
+            peer.post(key, _answerable(error))
+            return
+        peer.requests[key] = (engine, slot)
+
+    def _cancel(self, peer: _Peer, key: int) -> None:
+        running = peer.requests.pop(key, None)
+        if running is not None:
+            engine, slot = running
+            engine.cancel(slot)
+        generation = peer.generations.get(key)
+        if generation is not None:
+            generation.cancel()
+
+    def _session_generate(self, peer: _Peer, payload) -> None:
+        key, session_id, params, leave_unchanged, request_id, retry_id = payload
+        self._spawn(self._run_session_generation(peer, key, session_id, params, leave_unchanged, request_id,
+                                                 retry_id), f"session generation {request_id}")
+
+    async def _run_session_generation(self, peer: _Peer, key: int, session_id: str, params, leave_unchanged: bool,
+                                      request_id: str, retry_id: str) -> None:
+        """A session generation for an API process: its events go there; the session's next operation waits
+        until that process's caller took the finish (TAKEN), as it waits for a caller in this process."""
+        generation, finished = None, False
+        try:
+            await self.sessions.ensure(session_id)
+            generation = self.sessions.generate(session_id, params, leave_unchanged=leave_unchanged,
+                                                request_id=request_id, retry_id=retry_id, end_taken_by_owner=True)
+            peer.generations[key] = generation
+            engine = await generation.ready()
+            peer.post(key, ipc.GenerationReady(engine.name, engine.version))
+            while events := await generation.next_batch():
+                for event in events:
+                    if isinstance(event, FinishEvent):
+                        peer.post(key, ipc.GenerationConsumed(generation.tokens_consumed or 0))
+                        finished = True
+                    peer.post(key, event)
+        except asyncio.CancelledError:
+            peer.post(key, Unavailable("the engine process is stopping; retry"))
+            raise
+        except Exception as error:  # noqa: BLE001 - answered on the stream
+            peer.post(key, _answerable(error))
+        finally:
+            if not finished:  # nothing for the caller to take: the session goes on at once
+                if peer.generations.get(key) is generation:
+                    peer.generations.pop(key, None)
+                if generation is not None:
+                    generation.end_taken()
+
+    def _taken(self, peer: _Peer, key: int) -> None:
+        generation = peer.generations.pop(key, None)
+        if generation is not None:
+            generation.end_taken()
+
+    # --- calls --------------------------------------------------------------------------------------
+
+    def _call(self, peer: _Peer, payload) -> None:
+        call_id, method, args, kwargs = payload
+        self._spawn(self._run_call(peer, call_id, method, args, kwargs), f"call {method}")
+
+    async def _run_call(self, peer: _Peer, call_id: int, method: str, args: tuple, kwargs: dict) -> None:
+        try:
+            value = await self._method(method)(*args, **kwargs)
+            reply = (call_id, True, value)
+        except Exception as error:  # noqa: BLE001 - raised again in the API process
+            reply = (call_id, False, _answerable(error))
+        self.send(peer.identity, ipc.REPLY, reply)
+
+    def _method(self, name: str):
+        methods = {
+            "load": self._load, "describe": self._describe,
+            "create": self.sessions.create, "feed": self.sessions.feed, "fork": self.sessions.fork,
+            "get": self.sessions.get, "close": self.sessions.close, "export": self.sessions.export,
+            "import_": self.sessions.import_,
+            "sequence_get": self.sequences.get, "sequence_put": self.sequences.put,
+            "sequence_pop": self.sequences.pop,
+        }
+        try:
+            return methods[name]
+        except KeyError:
+            raise SeqserveError(f"the engine process has no method {name!r}") from None
+
+    async def _load(self, name: str, version: int) -> ipc.ModelTable:
+        """Load a version a request pinned (NotFound / Unavailable as the registry says); the new table."""
+        await self.registry.get(name, version)
+        self._publish()
+        return self._table
+
+    async def _describe(self) -> ipc.ModelTable:
+        return self._table
+
+    # --- the model table ----------------------------------------------------------------------------
+
+    def _model_table(self) -> ipc.ModelTable:
+        entries = []
+        engines = {(e.name, e.version): e for e in self.registry.engines()}
+        for status in self.registry.models():
+            loaded = {}
+            for version in status.loaded_versions:
+                engine = engines.get((status.name, version))
+                if engine is None:
+                    continue
+                bundle = engine.bundle
+                loaded[version] = ipc.LoadedVersion(bundle.manifest.SerializeToString(), bundle.variant,
+                                                    str(bundle.path), tuple(bundle.providers),
+                                                    tuple(bundle.requested_providers), engine.accepting)
+            entries.append(ipc.ModelEntry(status.name, status.versions, status.serving_version, loaded))
+        return ipc.ModelTable(self.registry.started, tuple(entries), self.config.max_input_tokens,
+                              self.sessions.limits.default_ttl_seconds)
+
+    def _publish(self) -> None:
+        table = self._model_table()
+        if table == self._table:
+            return
+        self._table = table
+        for identity in self._peers:
+            self.send(identity, ipc.MODELS, table)
+
+    async def _poll_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.poll_interval_seconds)
+            try:
+                await self.registry.refresh()
+            except Exception:  # a broken bundle must not stop the server from serving the rest
+                logger.exception("polling the model repository failed")
+            self._publish()
+
+    async def _watch_peers(self) -> None:
+        """End the requests of API processes not heard from in `SILENT_SECONDS` (gone without a word), and
+        publish the table when a retiring version stopped."""
+        while True:
+            await asyncio.sleep(ipc.BEAT_SECONDS)
+            now = time.monotonic()
+            for identity, peer in list(self._peers.items()):
+                if now - peer.heard > ipc.SILENT_SECONDS:
+                    logger.warning("API process %d (pid %d) is silent; ending its requests", peer.index, peer.pid)
+                    peer.end()
+                    del self._peers[identity]
+            self._publish()
+
+
+_NO_IDS = np.zeros(0, dtype=np.int64)
+
+
+def _answerable(error: BaseException) -> BaseException:
+    """An error as it crosses to an API process: our domain errors as they are, anything else INTERNAL."""
+    if isinstance(error, SeqserveError):
+        return error
+    if isinstance(error, asyncio.CancelledError):
+        return Unavailable("the engine process is stopping; retry")
+    logger.error("an engine-process operation failed", exc_info=error)
+    return SeqserveError(f"internal error: {type(error).__name__}: {error}")
