@@ -139,10 +139,17 @@ class Conversation:
         self.outputs.append([t for r in responses[:-1] for t in r.chunk.token_ids])
 
 
-def upstreams(engine, stack, session_id: str) -> list[str]:
-    """The replica addresses nginx sent the session's calls to, in order (its access log, on its output)."""
-    logs = engine("logs", stack.container("nginx"))
-    return re.findall(rf"upstream=([\d.:, ]+?) grpc_status=\S* session={session_id}", logs.stdout + logs.stderr)
+def upstreams(engine, stack, session_id: str, calls: int) -> list[str]:
+    """The replica addresses nginx sent the session's last `calls` calls to (its access log, on its output;
+    "A, B" when it moved on from A), once the log has them."""
+    deadline = time.monotonic() + 60
+    while True:
+        logs = engine("logs", stack.container("nginx"))
+        found = re.findall(rf"upstream=([\d.:, ]+?) grpc_status=\S* session={session_id}", logs.stdout + logs.stderr)
+        if len(found) >= calls:
+            return found[-calls:]
+        assert time.monotonic() < deadline, f"nginx logged {len(found)} of the session's {calls} calls"
+        time.sleep(0.5)
 
 
 def test_a_conversation_through_nginx_goes_on_when_its_replicas_container_is_killed(engine, stack, host_stub):
@@ -158,13 +165,14 @@ def test_a_conversation_through_nginx_goes_on_when_its_replicas_container_is_kil
             for conversation in conversations:
                 conversation.round(number)
         first = conversations[0]
-        serving = addresses[upstreams(engine, stack, first.session_id)[-1].split(":")[0]]
+        calls = 2 * (KILL_AFTER_ROUND + 1)  # Feed and GenerateInSession per round
+        serving = addresses[upstreams(engine, stack, first.session_id, calls)[-1].split(":")[0]]
         engine("kill", stack.container(serving))
         for number in range(KILL_AFTER_ROUND + 1, ROUNDS):
             for conversation in conversations:
                 conversation.round(number)
         if engine.inspect(stack.container(serving), "{{.State.Status}}") != "running":  # not restarted meanwhile
-            tried = upstreams(engine, stack, first.session_id)[-1]  # "A, B" when nginx moved on from A
+            tried = upstreams(engine, stack, first.session_id, 2 * ROUNDS)[-1]
             assert addresses.get(tried.split(", ")[-1].split(":")[0]) != serving, tried
 
     references = [Conversation(host_stub, index) for index in range(CONVERSATIONS)]
