@@ -99,6 +99,23 @@ def test_no_layer_of_the_image_holds_the_build_secrets(engine, cpu_image, pip_se
     needles = [PIP_CONF_MARKER.encode(), PIP_CA_MARKER.encode()]
     archive = tmp_path / "image.tar"
     engine("save", "-o", str(archive), cpu_image, timeout=600)
+    try:
+        layers, secret_files, found = read_layers(archive, needles)
+    finally:
+        archive.unlink()  # pytest keeps the last sessions' temporary files: not 700 MB of them
+    history = engine("history", "--no-trunc", "--format", "{{.CreatedBy}}", cpu_image).stdout
+    found.update(n for n in needles if n in history.encode())
+    assert layers >= 5, f"only {layers} layers read from the saved image"
+    assert not found, f"build secrets in the image: {found}"
+    assert not secret_files, f"files left under /run/secrets: {secret_files}"
+    for path in pip_secrets.values():  # the test's secrets did carry the markers
+        assert path.read_text().startswith("# seqserve-test-secret:")
+
+
+def read_layers(archive, needles: list[bytes]) -> tuple[int, list[str], set[bytes]]:
+    """Every layer of a saved image (`save -o`: docker-archive or OCI layout, layers as plain tars), file by
+    file, and its other members (configuration, history, manifest) as bytes: (layers read, non-empty files
+    under run/secrets/, the needles found)."""
     found: set[bytes] = set()
     layers, secret_files = 0, []
     with tarfile.open(archive) as outer:
@@ -113,15 +130,9 @@ def test_no_layer_of_the_image_holds_the_build_secrets(engine, cpu_image, pip_se
                             secret_files.append(entry.name)
                         if entry.isfile():
                             scan(layer.extractfile(entry), needles, found)
-            else:  # the configuration and history (JSON), the manifest
+            else:
                 scan(outer.extractfile(member), needles, found)
-    history = engine("history", "--no-trunc", "--format", "{{.CreatedBy}}", cpu_image).stdout
-    found.update(n for n in needles if n in history.encode())
-    assert layers >= 5, f"only {layers} layers read from the saved image"
-    assert not found, f"build secrets in the image: {found}"
-    assert not secret_files, f"files left under /run/secrets: {secret_files}"
-    for path in pip_secrets.values():  # the test's secrets did carry the markers
-        assert path.read_text().startswith("# seqserve-test-secret:")
+    return layers, secret_files, found
 
 
 def _is_tar(stream) -> bool:
