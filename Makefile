@@ -3,9 +3,19 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
-APT_PACKAGES := trans-de-en fortunes fortunes-min prometheus docker-compose redis-server nginx
+APT_PACKAGES := trans-de-en fortunes fortunes-min prometheus docker-compose redis-server nginx \
+	podman podman-compose mmdebstrap
+# `make images`: the container engine (podman when installed, else docker), the images' bases (empty: the
+# Dockerfiles' defaults), and pip's configuration and CA bundle for the build, passed as build secrets (empty:
+# none; PIP_CA defaults to the CA bundle pip on this machine is configured with, if any). docs/operations.md.
+ENGINE ?= $(shell command -v podman >/dev/null 2>&1 && echo podman || echo docker)
+IMAGES ?= cpu gpu
+PYTHON_IMAGE ?=
+CUDA_IMAGE ?=
+PIP_CONFIG ?=
+PIP_CA ?= $(or $(PIP_CERT),$(shell $(PYTHON) -m pip config get global.cert 2>/dev/null))
 
-.PHONY: setup setup-system serve test lint proto
+.PHONY: setup setup-system serve test lint proto images base-image
 
 # The server alone: no torch.
 $(VENV)/.installed-serve: pyproject.toml
@@ -27,8 +37,9 @@ $(VENV)/protobuf7/.installed: pyproject.toml $(VENV)/.installed
 
 setup: $(VENV)/.installed $(VENV)/protobuf7/.installed
 
-# Debian packages for the corpora, the Prometheus scrape test, and the real redis-server and nginx the
-# session tests start (root, or sudo, needed once).
+# Debian packages for the corpora, the Prometheus scrape test, the real redis-server and nginx the session
+# tests start, and podman, podman-compose and mmdebstrap for the image and compose tests (root, or sudo,
+# needed once).
 setup-system:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
@@ -50,3 +61,13 @@ lint: setup
 
 proto: setup
 	bash proto/generate.sh
+
+# The CPU image, and the GPU image where its CUDA base can be pulled (deploy/docker/build-images.sh).
+images:
+	ENGINE='$(ENGINE)' IMAGES='$(IMAGES)' PYTHON_IMAGE='$(PYTHON_IMAGE)' CUDA_IMAGE='$(CUDA_IMAGE)' \
+	  PIP_CONFIG='$(PIP_CONFIG)' PIP_CA='$(PIP_CA)' deploy/docker/build-images.sh
+
+# A Debian 12 base with Python from Debian's packages, for machines that cannot pull public images:
+#   make images PYTHON_IMAGE=$$(make -s base-image)
+base-image:
+	@ENGINE='$(ENGINE)' deploy/docker/debian-base.sh

@@ -57,7 +57,8 @@ def test_compose_config_is_valid(files):
 def test_seqserve_service_serves_the_mounted_repository():
     service = load_yaml(COMPOSE)["services"]["seqserve"]
     assert service["build"] == {"context": ".", "dockerfile": "deploy/docker/Dockerfile.cpu"}
-    assert {"50051:50051", "9464:9464"} <= set(service["ports"])
+    # Host ports default to the server's and can be moved (GRPC_PORT, METRICS_PORT), as the stack test does.
+    assert {"${GRPC_PORT:-50051}:50051", "${METRICS_PORT:-9464}:9464"} <= set(service["ports"])
     assert "./models:/models:ro" in service["volumes"]
     assert service["environment"]["SEQSERVE_REPOSITORY"] == "/models"
     assert "/opt/seqserve/healthcheck.py" in service["healthcheck"]["test"]
@@ -118,9 +119,13 @@ def test_dockerfile_runs_the_server_as_a_non_root_user_with_a_health_check(kind)
     instructions = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
     assert "pip install" in instructions and "torch" not in instructions  # the base install: no torch
     if kind == "gpu":
-        assert re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:[\d.]+-cudnn-runtime-", text, re.MULTILINE)
+        assert re.search(r"^ARG CUDA_IMAGE=docker\.io/nvidia/cuda:[\d.]+-cudnn-runtime-", text, re.MULTILINE)
     else:
-        assert re.search(r"^ARG PYTHON_IMAGE=python:3\.\d+-slim", text, re.MULTILINE)
+        assert re.search(r"^ARG PYTHON_IMAGE=docker\.io/library/python:3\.\d+-slim", text, re.MULTILINE)
+    # pip's configuration and CA bundle reach pip only as build secrets, in every stage that runs pip.
+    for run in re.findall(r"^RUN (?:.*\\\n)*.*$", instructions, re.MULTILINE):
+        if re.search(r"\bpip (install -r|wheel)\b", run):
+            assert "--mount=type=secret,id=pip.conf" in run and "--mount=type=secret,id=pip-ca" in run, run
 
 
 def test_dockerignore_keeps_local_state_out_of_the_build_context():
@@ -186,5 +191,10 @@ def test_prometheus_config_passes_promtool():
 def test_prometheus_scrapes_the_seqserve_service_every_5_seconds():
     (job,) = [job for job in load_yaml(PROMETHEUS)["scrape_configs"] if job["job_name"] == "seqserve"]
     assert job["scrape_interval"] == "5s" and job.get("metrics_path", "/metrics") == "/metrics"
-    (targets,) = [group["targets"] for group in job["static_configs"]]
-    assert targets == [f"seqserve:{ServerConfig().metrics_port}"]
+    # Every compose service that runs seqserve, found by DNS name on the server's metrics port.
+    (discovery,) = job["dns_sd_configs"]
+    servers = {name for name, service in load_yaml(COMPOSE)["services"].items()
+               if service.get("build", {}).get("dockerfile") == "deploy/docker/Dockerfile.cpu"}
+    assert servers == {"seqserve", "seqserve-1", "seqserve-2", "seqserve-3"}
+    assert set(discovery["names"]) == servers and len(discovery["names"]) == len(servers)
+    assert (discovery["type"], discovery["port"]) == ("A", ServerConfig().metrics_port)
