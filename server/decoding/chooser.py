@@ -7,6 +7,7 @@ from typing import NamedTuple
 import numpy as np
 
 from server.decoding.history import TokenHistory
+from server.decoding.matching import AllowedTokens, apply_allowed
 from server.decoding.processors import ProcessorChain, default_processors
 from server.decoding.row_params import BEAM, GREEDY, SAMPLE, RowParams
 from server.decoding.sampling import sample_tokens
@@ -32,7 +33,8 @@ class TokenChooser:
 
     Reported log-probs are the processed ones (after min_new_tokens, no_repeat_ngram_size and
     repetition_penalty, before temperature/top-k/top-p): the same values beam search ranks by, and the
-    model's own log-probs when no processor applies.
+    model's own log-probs when no processor applies. A constraint's mask (`allowed`) comes last in that
+    chain: it sets what it forbids to -inf and changes nothing else.
     """
 
     def __init__(self, eos_id: int, processors: ProcessorChain | None = None):
@@ -42,14 +44,16 @@ class TokenChooser:
         self._default_chain = processors is None
 
     def choose(self, log_probs: np.ndarray, rows: RowParams, history: TokenHistory,
-               step_counts: np.ndarray) -> Choice:
-        """log_probs[N, V] from the model; step_counts[N] = tokens each row has generated so far."""
+               step_counts: np.ndarray, allowed: AllowedTokens | None = None) -> Choice:
+        """log_probs[N, V] from the model; step_counts[N] = tokens each row has generated so far; `allowed`:
+        the tokens the constrained rows may choose (None: no row is constrained)."""
         if np.any(rows.strategy == BEAM):
             raise ValueError("beam rows are decoded by BeamSearch, not TokenChooser")
-        if self._argmax_suffices(rows):
+        if allowed is None and self._argmax_suffices(rows):
             return self._argmax(log_probs, rows, step_counts)
         scores = np.array(log_probs, dtype=np.float64)  # a copy the processors may write into
         scores = self.processors(history, scores, rows, step_counts)
+        scores = apply_allowed(scores, allowed, log_probs)
 
         tokens = scores.argmax(axis=1)  # first maximum on ties, like torch.argmax
         sampling = np.nonzero(rows.strategy == SAMPLE)[0]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from server.decoding import RowParams, TokenHistory
+from server.decoding.matching import ConstraintRows
 
 State = tuple[np.ndarray, ...]
 CHOOSER_GROUP = 0  # `groups` value of greedy and sampling rows; beam rows hold their beam size
@@ -138,6 +139,7 @@ class ChooserRows:
     plain: np.ndarray  # [N] bool: text by table, events that carry nothing but the token and its text
     spoken: np.ndarray  # [N] bool: the row's text is not empty (a word tokenizer puts a space next)
     open_char: np.ndarray  # [N] bool: its bytes end inside a character (byte-level BPE splits them)
+    constraints: ConstraintRows  # the matcher of each row that has a constraint
 
     @classmethod
     def empty(cls, vocab_size: int) -> ChooserRows:
@@ -145,9 +147,11 @@ class ChooserRows:
 
     @classmethod
     def start(cls, rows: RowParams, histories: list[list[int]], vocab_size: int, tracked: list | None = None,
-              plain: np.ndarray | None = None, spoken: np.ndarray | None = None) -> ChooserRows:
+              plain: np.ndarray | None = None, spoken: np.ndarray | None = None,
+              constraints: ConstraintRows | None = None) -> ChooserRows:
         """Rows that have generated nothing yet; `histories` are what the processors look back on,
-        `spoken` whether text came before them (the end of a prompt). Rows are not plain by default."""
+        `spoken` whether text came before them (the end of a prompt). Rows are not plain by default, nor
+        constrained."""
         count = len(rows)
         owners = np.empty(count, dtype=object)
         if tracked is not None:
@@ -155,7 +159,8 @@ class ChooserRows:
         flags = [np.zeros(count, dtype=bool) if column is None else np.asarray(column, dtype=bool)
                  for column in (plain, spoken)]
         return cls(rows, TokenHistory.from_prompts(histories, vocab_size), np.zeros(count, dtype=np.int64),
-                   np.zeros(count, dtype=np.float64), owners, *flags, np.zeros(count, dtype=bool))
+                   np.zeros(count, dtype=np.float64), owners, *flags, np.zeros(count, dtype=bool),
+                   constraints if constraints is not None else ConstraintRows.empty(count))
 
     def __len__(self) -> int:
         return len(self.generated)
@@ -176,7 +181,7 @@ class ChooserRows:
     def filter(self, index: np.ndarray) -> ChooserRows:
         return ChooserRows(self.rows.filter(index), self.history.filter(index), self.generated[index],
                            self.log_prob[index], self.tracked[index], self.plain[index], self.spoken[index],
-                           self.open_char[index])
+                           self.open_char[index], self.constraints.filter(index))
 
     @staticmethod
     def concatenate(parts: list[ChooserRows]) -> ChooserRows:
@@ -188,4 +193,5 @@ class ChooserRows:
             TokenHistory.concatenate([p.history for p in parts]),
             *(np.concatenate([getattr(p, name) for p in parts])
               for name in ("generated", "log_prob", "tracked", "plain", "spoken", "open_char")),
+            ConstraintRows.concatenate([p.constraints for p in parts]),
         )

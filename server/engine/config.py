@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+
+from server.decoding.matching import ConstraintSettings
 
 IO_BINDING_MODES = ("auto", "on", "off")
 
@@ -18,14 +20,16 @@ class EngineConfig:
     # LM decode step through IO binding, the state kept in ONNX Runtime buffers between steps: "on", "off",
     # or "auto" (on where the session runs on a CUDA device).
     io_binding: str = "auto"
+    # what compiling and following a constraint may cost (each process compiles through its own cache)
+    constraints: ConstraintSettings = field(default_factory=ConstraintSettings)
 
     def __post_init__(self):
         if self.io_binding not in IO_BINDING_MODES:
             raise ValueError(f"engine setting io_binding must be one of {', '.join(IO_BINDING_MODES)}, "
                              f"got {self.io_binding!r}")
-        for field in fields(self):
-            if field.name == "io_binding":
+        for spec in fields(self):
+            if spec.name in ("io_binding", "constraints"):
                 continue
-            value = getattr(self, field.name)
+            value = getattr(self, spec.name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"engine setting {field.name} must be a positive integer, got {value!r}")
+                raise ValueError(f"engine setting {spec.name} must be a positive integer, got {value!r}")

@@ -52,7 +52,7 @@ class ModelEngine:
         self.spec = bundle.spec
         self.kind = bundle.spec.kind  # a ModelKind, equal to "lm" or "seq2seq"
         self.runner = Runner(bundle, config.io_binding)
-        self._core = EngineCore(bundle, self.runner)
+        self._core = EngineCore(bundle, self.runner, config.constraints)
         self._scheduler = Scheduler(config)
         self._metrics = (metrics if metrics is not None else Metrics()).for_model(self.name)
         self._provider = bundle.providers[0] if bundle.providers else "none"
@@ -309,6 +309,7 @@ class ModelEngine:
             metrics.prompt_tokens_total.inc(result.prompt_tokens)
         if result.generated_tokens:
             metrics.generated_tokens_total.inc(result.generated_tokens)
+        metrics.count_constraints(result.constrained, result.mask_seconds)
         rows_out = 0
         for entry, reason in result.finished:
             rows_out += entry.rows
