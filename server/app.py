@@ -38,6 +38,7 @@ from server.api.errors import SERVICE, StatusInterceptor, request_id_var
 from server.api.inference import InferenceServicer, add_to_server
 from server.api.servicer import SeqserveServicer
 from server.config import ConfigError, ServerConfig
+from server.decoding.matching import ConstraintSettings
 from server.engine import EngineConfig
 from server.errors import Unavailable
 from server.metrics import Metrics
@@ -294,7 +295,12 @@ def _read_pem(config: ServerConfig, setting: str) -> bytes:
 def _limits(config: ServerConfig) -> RequestLimits:
     return RequestLimits(default_max_new_tokens=config.default_max_new_tokens, max_new_tokens=config.max_new_tokens,
                          default_beam_size=config.default_beam_size, max_beam_size=config.max_beam_size,
-                         max_sources=config.max_sources)
+                         max_sources=config.max_sources, constraints=_constraint_settings(config))
+
+
+def _constraint_settings(config: ServerConfig) -> ConstraintSettings:
+    return ConstraintSettings(max_chars=config.constraint_max_chars, compile_seconds=config.constraint_compile_seconds,
+                              cache_entries=config.constraint_cache_entries, mask_ms=config.constraint_mask_ms)
 
 
 def _session_limits(config: ServerConfig) -> SessionLimits:
@@ -308,7 +314,7 @@ def _session_limits(config: ServerConfig) -> SessionLimits:
 def _make_registry(config: ServerConfig, metrics: Metrics) -> ModelRegistry:
     engine_config = EngineConfig(max_rows=config.max_rows_per_step, max_queued=config.max_queue,
                                  max_input_tokens=config.max_input_tokens, max_new_tokens=config.max_new_tokens,
-                                 max_beam_size=config.max_beam_size)
+                                 max_beam_size=config.max_beam_size, constraints=_constraint_settings(config))
     return ModelRegistry(config.repository_path, config=engine_config, metrics=metrics, providers=config.providers,
                          session_options=config.session_options, variant=config.variant,
                          drain_seconds=config.drain_grace_seconds)

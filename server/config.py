@@ -62,6 +62,11 @@ class ServerConfig:
     max_beam_size: int = 16  # the widest beam a request may ask for
     default_beam_size: int = 4  # what a beam request that leaves beam_size at 0 gets
     max_sources: int = 64  # source texts in one Translate request
+    # --- constrained decoding (DecodingOptions.constraint)
+    constraint_max_chars: int = 65_536  # characters of one constraint (a regex, a schema, all choices together)
+    constraint_compile_seconds: float = 2.0  # longer to compile: INVALID_ARGUMENT (compiles run off the event loop)
+    constraint_cache_entries: int = 256  # compiled constraints kept per model vocabulary and process (LRU)
+    constraint_mask_ms: float = 5.0  # a constraint whose next tokens take longer to work out is refused
     # --- sessions (all models together)
     max_sessions: int = 10_000  # open sessions; at the limit, the least recently used idle one is evicted
     session_ttl_seconds: int = 600  # idle time after which a session expires, when CreateSession asks for none
@@ -105,7 +110,8 @@ class ServerConfig:
         _check(self.graph_optimization_level in OPTIMIZATION_LEVELS, "graph_optimization_level",
                self.graph_optimization_level, "one of " + ", ".join(OPTIMIZATION_LEVELS))
         for name in ("max_rows_per_step", "max_queue", "max_input_tokens", "max_new_tokens", "max_beam_size",
-                     "max_sources", "max_receive_message_bytes", "max_sessions"):
+                     "max_sources", "max_receive_message_bytes", "max_sessions", "constraint_max_chars",
+                     "constraint_cache_entries"):
             _check(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
         _check(1 <= self.default_max_new_tokens <= self.max_new_tokens, "default_max_new_tokens",
                self.default_max_new_tokens, f"in [1, max_new_tokens={self.max_new_tokens}]")
@@ -127,6 +133,8 @@ class ServerConfig:
                                                    and len(self.session_store) > len("sqlite:"))
                or self.session_store.startswith(("redis://", "rediss://", "unix://")), "session_store",
                self.session_store, "memory, sqlite:PATH or redis://HOST:PORT[/DB]")
+        for name in ("constraint_compile_seconds", "constraint_mask_ms"):
+            _check(getattr(self, name) > 0, name, getattr(self, name), "> 0")
         _check(self.poll_interval_seconds >= 0, "poll_interval_seconds", self.poll_interval_seconds,
                ">= 0 (0 = never)")
         _check(self.drain_grace_seconds >= 0, "drain_grace_seconds", self.drain_grace_seconds, ">= 0")

@@ -24,6 +24,7 @@ import numpy as np
 from server.bundle import LoadedBundle
 from server.decoding import FinishReason
 from server.engine.config import EngineConfig
+from server.engine.constraints import check_constraint
 from server.engine.core import EngineCore, StepResult
 from server.engine.requests import (
     FeedRequest,
@@ -125,6 +126,12 @@ class ModelEngine:
         return stream
 
     # --- what sessions use (server.sessions.port.SessionEngine) -------------------------------
+
+    async def check_constraint(self, params, context_ids=()) -> None:
+        """Compile `params.constraint` for this model off the event loop (see `server.engine.constraints`)."""
+        spec = self.spec
+        await check_constraint(params, self.bundle.tokenizer(spec.output_tokenizer_role), spec.vocab_size,
+                               spec.special.eos, self.config.constraints, context_ids)
 
     @property
     def max_input_tokens(self) -> int:
