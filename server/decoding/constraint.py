@@ -63,7 +63,7 @@ class Constraint:
         field = self.field
         if self.kind == "choice":
             if self.text:
-                raise InvalidArgument(f"{field}: a choice constraint has values, not text")
+                raise InvalidArgument(f"{field}: a choice constraint has values, not text", field=field)
             if not isinstance(self.choices, tuple) or not 1 <= len(self.choices) <= MAX_CHOICES:
                 count = len(self.choices) if isinstance(self.choices, tuple) else self.choices
                 raise InvalidArgument(field=field, value=count, allowed=f"a list of 1 to {MAX_CHOICES} strings")
@@ -72,7 +72,7 @@ class Constraint:
                     raise InvalidArgument(field=f"{field}[{i}]", value=value, allowed="a non-empty string")
         else:
             if self.choices:
-                raise InvalidArgument(f"{field}: only a choice constraint has values")
+                raise InvalidArgument(f"{field}: only a choice constraint has values", field=field)
             if not isinstance(self.text, str) or not self.text:
                 raise InvalidArgument(field=field, value=self.text, allowed="a non-empty string")
         if self.size > max_chars:
