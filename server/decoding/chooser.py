@@ -49,8 +49,8 @@ class TokenChooser:
         the tokens the constrained rows may choose (None: no row is constrained)."""
         if np.any(rows.strategy == BEAM):
             raise ValueError("beam rows are decoded by BeamSearch, not TokenChooser")
-        if allowed is None and self._argmax_suffices(rows):
-            return self._argmax(log_probs, rows, step_counts)
+        if self._argmax_suffices(rows):
+            return self._argmax(log_probs, rows, step_counts, allowed)
         scores = np.array(log_probs, dtype=np.float64)  # a copy the processors may write into
         scores = self.processors(history, scores, rows, step_counts)
         scores = apply_allowed(scores, allowed, log_probs)
@@ -70,12 +70,30 @@ class TokenChooser:
                 and not rows.no_repeat_ngram_size.any() and bool(np.all(rows.repetition_penalty == 1.0))
                 and not rows.top_logprobs.any())
 
-    def _argmax(self, log_probs: np.ndarray, rows: RowParams, step_counts: np.ndarray) -> Choice:
+    def _argmax(self, log_probs: np.ndarray, rows: RowParams, step_counts: np.ndarray,
+                allowed: AllowedTokens | None) -> Choice:
         """What `choose` gives such rows, without copying the whole array to float64: argmax on the model's
         floats (widening is exact and keeps their order), and again, <eos> banned, for the rows whose
-        argmax is an <eos> that min_new_tokens forbids."""
+        argmax is an <eos> that min_new_tokens forbids; constrained rows take the argmax of their allowed
+        tokens (<eos> banned too when too early, unless it is all they may choose)."""
         tokens = log_probs.argmax(axis=1)
-        again = np.nonzero((tokens == self.eos_id) & (step_counts < rows.min_new_tokens))[0]
+        constrained = np.zeros(len(tokens), dtype=bool)
+        if allowed is not None:
+            constrained[allowed.rows] = True
+            # A row whose own argmax is allowed (and no <eos> that min_new_tokens forbids) keeps it.
+            first = tokens[allowed.rows]
+            redo = ~allowed.mask[np.arange(len(first)), first]
+            redo |= (first == self.eos_id) & (step_counts[allowed.rows] < rows.min_new_tokens[allowed.rows])
+            again = np.flatnonzero(redo)
+            if again.size:
+                mask = allowed.mask[again]
+                block = np.where(mask, log_probs[allowed.rows[again]], np.float32(-np.inf))
+                early = np.flatnonzero(step_counts[allowed.rows[again]] < rows.min_new_tokens[allowed.rows[again]])
+                if early.size:  # <eos> banned, but the constraint wins where it is all that is left
+                    early = early[np.count_nonzero(mask[early], axis=1) > mask[early, self.eos_id]]
+                    block[early, self.eos_id] = -np.inf
+                tokens[allowed.rows[again]] = block.argmax(axis=1)
+        again = np.nonzero((tokens == self.eos_id) & (step_counts < rows.min_new_tokens) & ~constrained)[0]
         if again.size:
             scores = np.array(log_probs[again], dtype=np.float64)
             scores[:, self.eos_id] = -np.inf

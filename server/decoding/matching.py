@@ -53,8 +53,11 @@ class ConstraintSettings:
     # a mask (after the first) slower than this when the constraint is checked: refused, as every row that
     # carries it would add that to every step
     mask_ms: float = 5.0
+    mask_threads: int = 0  # llguidance's threads for the masks of a step; 0 = one fewer than the cores (at least 1)
 
     def __post_init__(self):
+        if isinstance(self.mask_threads, bool) or not isinstance(self.mask_threads, int) or self.mask_threads < 0:
+            raise ValueError(f"constraint setting mask_threads must be an integer >= 0, got {self.mask_threads!r}")
         for name in ("max_chars", "cache_entries", "max_grammar_size", "lexer_fuel", "step_fuel"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -163,15 +166,18 @@ class ConstraintRows:
 
     Continuous batching's two operations: `filter` (rows leave; a beam's rows follow their parents, and a
     parent continued by several rows is copied for all but the first) and `concatenate`. A part without
-    constrained rows costs an empty array per step and nothing else.
+    constrained rows costs an empty array per step and nothing else. The tokens rows choose are taken by
+    their matchers together with the next masks (`allowed_tokens`), so that both run while the model
+    works on the next step.
     """
 
-    __slots__ = ("matchers", "flags", "count")
+    __slots__ = ("matchers", "flags", "count", "pending")
 
-    def __init__(self, matchers: np.ndarray, flags: np.ndarray):
+    def __init__(self, matchers: np.ndarray, flags: np.ndarray, pending: list | None = None):
         self.matchers = matchers  # [N] object: LLMatcher or None
         self.flags = flags  # [N] bool: the row has a matcher
         self.count = int(np.count_nonzero(flags))
+        self.pending = pending if pending is not None else []  # (matcher, token) chosen, not yet consumed
 
     @classmethod
     def empty(cls, rows: int = 0) -> ConstraintRows:
@@ -197,33 +203,49 @@ class ConstraintRows:
             return ConstraintRows(np.full(len(flags), None, dtype=object), flags)
         picked = self.matchers[index]
         if index.dtype != bool and len(np.unique(index)) < len(index):  # a beam parent with several children
+            self.settle()  # a copy starts from every token its parent chose
             seen = set()
             for i in np.flatnonzero(flags).tolist():
                 matcher = picked[i]
                 if id(matcher) in seen:
                     picked[i] = matcher.deep_copy()
                 seen.add(id(matcher))
-        return ConstraintRows(picked, flags)
+        return ConstraintRows(picked, flags, self.pending)
 
     @staticmethod
     def concatenate(parts: Sequence[ConstraintRows]) -> ConstraintRows:
         flags = np.concatenate([p.flags for p in parts]) if parts else np.zeros(0, dtype=bool)
         if not any(p.count for p in parts):
             return ConstraintRows(np.full(len(flags), None, dtype=object), flags)
-        return ConstraintRows(np.concatenate([p.matchers for p in parts]), flags)
+        return ConstraintRows(np.concatenate([p.matchers for p in parts]), flags,
+                              [pair for p in parts for pair in p.pending])
 
     def consume(self, tokens: np.ndarray, live: np.ndarray | None = None) -> None:
-        """Every constrained row (of those `live`, when given) chose `tokens[row]`."""
+        """Every constrained row (of those `live`, when given) chose `tokens[row]`; its matcher takes it
+        before its next mask (or `settle`)."""
         if not self.count:
             return
         rows = np.flatnonzero(self.flags if live is None else self.flags & live)
         if rows.size:
-            _executor().consume_token_par(list(zip(self.matchers[rows].tolist(), tokens[rows].tolist(), strict=True)))
+            self.pending.extend(zip(self.matchers[rows].tolist(), tokens[rows].tolist(), strict=True))
+
+    def settle(self) -> None:
+        """The matchers take the tokens chosen since the last mask."""
+        if self.pending:
+            _executor().consume_token_par(self.pending)
+            self.pending.clear()
 
 
-def allowed_tokens(parts: Sequence[ConstraintRows], vocab_size: int, eos_id: int) -> list[AllowedTokens | None]:
+def allowed_tokens(parts: Sequence[ConstraintRows], vocab_size: int, eos_id: int, threads: int = 0
+                   ) -> list[AllowedTokens | None]:
     """The allowed tokens of every constrained row of `parts`, computed together in one call of llguidance's
-    thread pool; None for a part without constrained rows."""
+    thread pool (`threads` of them, 0: one fewer than the cores); None for a part without constrained rows."""
+    executor = _executor(threads)
+    pending = [pair for part in parts for pair in part.pending]
+    if pending:  # every matcher takes its row's last token first (one parallel call)
+        executor.consume_token_par(pending)
+        for part in parts:
+            part.pending.clear()
     rows = [np.flatnonzero(p.flags) if p.count else None for p in parts]
     pairs = []
     for part, index in zip(parts, rows, strict=True):
@@ -234,8 +256,8 @@ def allowed_tokens(parts: Sequence[ConstraintRows], vocab_size: int, eos_id: int
         return [None] * len(parts)
     words = (vocab_size + 256 + 31) // 32  # the matcher's vocabulary: the model's ids, then the 256 bytes
     bitmask = np.zeros((len(pairs), words), dtype=np.int32)
-    fill_next_token_bitmask_par(_executor(), pairs, bitmask)
-    masks = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, :vocab_size].astype(bool)
+    fill_next_token_bitmask_par(executor, pairs, bitmask)
+    masks = np.unpackbits(bitmask.view(np.uint8), axis=1, count=vocab_size, bitorder="little").view(bool)
     masks[~masks.any(axis=1), eos_id] = True  # a dead end (the vocabulary cannot go on): the row ends
     result, start = [], 0
     for index in rows:
@@ -254,17 +276,20 @@ def apply_allowed(scores: np.ndarray, allowed: AllowedTokens | None, log_probs: 
     if allowed is None:
         return scores
     rows, mask = allowed
-    block = np.where(mask, scores[rows], -np.inf)
+    every_row = len(rows) == len(scores)
+    block = scores if every_row else scores[rows]
+    np.copyto(block, -np.inf, where=~mask)
     stuck = np.flatnonzero(np.isneginf(block.max(axis=1)))
     if stuck.size:
         block[stuck] = np.where(mask[stuck], log_probs[rows[stuck]], -np.inf)
-    scores[rows] = block
+    if not every_row:
+        scores[rows] = block
     return scores
 
 
 @functools.cache
-def _executor() -> llguidance.LLExecutor:
-    return llguidance.LLExecutor(num_threads=max(1, min(4, os.cpu_count() or 1)))
+def _executor(threads: int = 0) -> llguidance.LLExecutor:
+    return llguidance.LLExecutor(num_threads=threads or max(1, (os.cpu_count() or 2) - 1))
 
 
 def _llg_tokenizer(pieces: Sequence[bytes], silent: np.ndarray, eos_id: int, separator: str) -> llguidance.LLTokenizer:

@@ -93,6 +93,7 @@ class EngineCore:
         if in_flight is not None:
             concurrent.futures.wait([in_flight])  # a graph call cannot be interrupted; its result is dropped
         self._joining = None
+        self._masks: list[AllowedTokens | None] | None = None  # the batch's, worked out during its decode call
         self.batch = DecodeBatch.empty(self.runner.state_shapes, self.runner.memory_size)
         self.choosers = ChooserRows.empty(self.vocab_size)
         self.beams: dict[int, BeamSearch] = {}
@@ -129,6 +130,8 @@ class EngineCore:
                 calling.wait()
         if decode_started is not None:
             decode_started()
+        if self._in_flight is not None:  # the constrained rows' masks, while their decode call runs
+            self._masks = self._batch_masks(result)
         if plan.admit:
             self._admit(plan.admit, result)
         return result
@@ -341,12 +344,17 @@ class EngineCore:
             result.constrained.append(constraint.kind)
         return ConstraintRows.of(matchers)
 
+    def _batch_masks(self, result: StepResult) -> list[AllowedTokens | None]:
+        """The allowed tokens of the batch's greedy/sampling rows, then of each beam group that has rows."""
+        groups = [beam for beam in self.beams.values() if len(beam)]
+        return self._allowed([self.choosers.constraints, *(beam.constraints for beam in groups)], result)
+
     def _allowed(self, parts: list[ConstraintRows], result: StepResult) -> list[AllowedTokens | None]:
         """The allowed tokens of the constrained rows of `parts`, all worked out together (timed)."""
         if not any(part.count for part in parts):
             return [None] * len(parts)
         started = time.perf_counter()
-        allowed = allowed_tokens(parts, self.vocab_size, self.eos_id)
+        allowed = allowed_tokens(parts, self.vocab_size, self.eos_id, self.constraint_settings.mask_threads)
         result.mask_seconds += time.perf_counter() - started
         return allowed
 
@@ -357,8 +365,8 @@ class EngineCore:
         batch = self.batch
         index_parts, token_parts, memory_parts = [], [], []
         groups = [beam for beam in self.beams.values() if len(beam)]
-        allowed, *beam_allowed = self._allowed([self.choosers.constraints, *(beam.constraints for beam in groups)],
-                                               result)
+        masks, self._masks = self._masks, None
+        allowed, *beam_allowed = masks if masks is not None else self._batch_masks(result)
         chooser_rows = np.flatnonzero(batch.groups == CHOOSER_GROUP)
         if chooser_rows.size:
             self.choosers, keep, tokens = self._choose(self.choosers, chooser_rows, log_probs, state, attention,

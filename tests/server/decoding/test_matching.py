@@ -155,7 +155,8 @@ def test_a_parent_with_several_children_is_copied_for_each(tokenizer):
     rows = ConstraintRows.of([parent, None])
     children = rows.filter(np.array([0, 0, 1]))
     assert children.count == 2 and children.matchers[0] is parent and children.matchers[1] is not parent
-    children.consume(np.array(ids(tokenizer, "bc") + [0]))
+    children.consume(np.array(ids(tokenizer, "bc") + [0]))  # taken with the next masks, or now:
+    children.settle()
     assert allowed_texts(tokenizer, children.matchers[0]) == allowed_texts(tokenizer, children.matchers[1]) == {"d"}
     assert children.matchers[0].consume_tokens(ids(tokenizer, "d"))
     merged = ConstraintRows.concatenate([children, ConstraintRows.empty(2)])
