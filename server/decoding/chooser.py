@@ -76,9 +76,15 @@ class TokenChooser:
         floats (widening is exact and keeps their order), and again, <eos> banned, for the rows whose
         argmax is an <eos> that min_new_tokens forbids; constrained rows take the argmax of their allowed
         tokens (<eos> banned too when too early, unless it is all they may choose)."""
-        tokens = log_probs.argmax(axis=1)
-        constrained = np.zeros(len(tokens), dtype=bool)
-        if allowed is not None:
+        constrained = np.zeros(len(log_probs), dtype=bool)
+        if allowed is None:
+            tokens = log_probs.argmax(axis=1)
+        elif len(allowed.rows) == len(log_probs):  # every row constrained: one pass (the bias is this step's)
+            constrained[:] = True
+            tokens = self._allowed_argmax(np.add(log_probs, allowed.bias, out=allowed.bias), allowed,
+                                          np.arange(len(log_probs)), rows, step_counts)
+        else:
+            tokens = log_probs.argmax(axis=1)
             constrained[allowed.rows] = True
             # A row whose own argmax is allowed (and no <eos> that min_new_tokens forbids) keeps it.
             first = tokens[allowed.rows]
@@ -86,13 +92,8 @@ class TokenChooser:
             redo |= (first == self.eos_id) & (step_counts[allowed.rows] < rows.min_new_tokens[allowed.rows])
             again = np.flatnonzero(redo)
             if again.size:
-                mask = allowed.mask[again]
-                block = np.where(mask, log_probs[allowed.rows[again]], np.float32(-np.inf))
-                early = np.flatnonzero(step_counts[allowed.rows[again]] < rows.min_new_tokens[allowed.rows[again]])
-                if early.size:  # <eos> banned, but the constraint wins where it is all that is left
-                    early = early[np.count_nonzero(mask[early], axis=1) > mask[early, self.eos_id]]
-                    block[early, self.eos_id] = -np.inf
-                tokens[allowed.rows[again]] = block.argmax(axis=1)
+                block = log_probs[allowed.rows[again]] + allowed.bias[again]
+                tokens[allowed.rows[again]] = self._allowed_argmax(block, allowed, again, rows, step_counts)
         again = np.nonzero((tokens == self.eos_id) & (step_counts < rows.min_new_tokens) & ~constrained)[0]
         if again.size:
             scores = np.array(log_probs[again], dtype=np.float64)
@@ -100,6 +101,15 @@ class TokenChooser:
             tokens[again] = scores.argmax(axis=1)
         chosen = log_probs[np.arange(len(tokens)), tokens].astype(np.float64)
         return Choice(tokens, chosen, None)
+
+    def _allowed_argmax(self, block: np.ndarray, allowed: AllowedTokens, which: np.ndarray, rows: RowParams,
+                        step_counts: np.ndarray) -> np.ndarray:
+        """Argmax of `block` (log-probs + bias of the constrained rows `which`), <eos> banned where
+        min_new_tokens forbids it unless it is all the constraint allows."""
+        own = allowed.rows[which]
+        early = np.flatnonzero((step_counts[own] < rows.min_new_tokens[own]) & ~allowed.only_end[which])
+        block[early, self.eos_id] = -np.inf
+        return block.argmax(axis=1)
 
     @staticmethod
     def _alternatives(scores: np.ndarray, rows: RowParams) -> TopAlternatives | None:

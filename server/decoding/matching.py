@@ -77,6 +77,8 @@ class AllowedTokens(NamedTuple):
 
     rows: np.ndarray  # [C] int64: the constrained rows, indices into the part's rows
     mask: np.ndarray  # [C, V] bool: allowed tokens (a dead end allows only <eos>)
+    bias: np.ndarray  # [C, V] float32: 0 where allowed, -inf elsewhere (added to log-probs: one pass)
+    only_end: np.ndarray  # [C] bool: <eos> is the one token allowed (the text is complete, or a dead end)
 
 
 class ConstraintCompiler:
@@ -258,14 +260,18 @@ def allowed_tokens(parts: Sequence[ConstraintRows], vocab_size: int, eos_id: int
     bitmask = np.zeros((len(pairs), words), dtype=np.int32)
     fill_next_token_bitmask_par(executor, pairs, bitmask)
     masks = np.unpackbits(bitmask.view(np.uint8), axis=1, count=vocab_size, bitorder="little").view(bool)
-    masks[~masks.any(axis=1), eos_id] = True  # a dead end (the vocabulary cannot go on): the row ends
+    counts = np.count_nonzero(masks, axis=1)
+    masks[counts == 0, eos_id] = True  # a dead end (the vocabulary cannot go on): the row ends
+    only_end = (counts <= 1) & masks[:, eos_id]
+    biases = np.where(masks, np.float32(0.0), np.float32(-np.inf))
     result, start = [], 0
     for index in rows:
         if index is None:
             result.append(None)
             continue
-        result.append(AllowedTokens(index, masks[start : start + len(index)]))
-        start += len(index)
+        end = start + len(index)
+        result.append(AllowedTokens(index, masks[start:end], biases[start:end], only_end[start:end]))
+        start = end
     return result
 
 
@@ -275,10 +281,10 @@ def apply_allowed(scores: np.ndarray, allowed: AllowedTokens | None, log_probs: 
     the model's own log-probs (`log_probs`) of its allowed tokens."""
     if allowed is None:
         return scores
-    rows, mask = allowed
+    rows, mask, bias, _ = allowed
     every_row = len(rows) == len(scores)
     block = scores if every_row else scores[rows]
-    np.copyto(block, -np.inf, where=~mask)
+    block += bias
     stuck = np.flatnonzero(np.isneginf(block.max(axis=1)))
     if stuck.size:
         block[stuck] = np.where(mask[stuck], log_probs[rows[stuck]], -np.inf)

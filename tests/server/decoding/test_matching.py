@@ -180,6 +180,7 @@ def test_the_mask_comes_last_and_wins_over_min_new_tokens():
     only_end = np.zeros((1, 6), dtype=bool)
     only_end[0, EOS] = True
     choice = TokenChooser(EOS).choose(log_probs, rows, history, np.zeros(2, np.int64),
-                                      AllowedTokens(np.array([1]), only_end))
+                                      AllowedTokens(np.array([1]), only_end, np.where(only_end, 0.0, -np.inf),
+                                                    np.array([True])))
     assert choice.tokens.tolist() == [4, EOS]  # row 0 is free; row 1 may only end, min_new_tokens or not
     assert choice.log_probs[1] == pytest.approx(np.log(1 / 6))
