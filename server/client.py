@@ -149,6 +149,11 @@ def _add_decoding_flags(command: argparse.ArgumentParser) -> None:
     group.add_argument("--no-repeat-ngram-size", type=int)
     group.add_argument("--log-probs", action="store_true", help="return each token's log-probability")
     group.add_argument("--top-log-probs", type=int, help="return this many alternatives per token")
+    constraint = group.add_mutually_exclusive_group()
+    constraint.add_argument("--regex", help="the output text must match this regular expression")
+    constraint.add_argument("--choice", action="append", help="the output text is one of these (repeatable)")
+    constraint.add_argument("--json-schema", metavar="FILE", help="the output is JSON valid for this schema file")
+    constraint.add_argument("--grammar", metavar="FILE", help="the output follows this Lark grammar file")
 
 
 def decoding_options(args: argparse.Namespace) -> pb.DecodingOptions:
@@ -174,6 +179,17 @@ def decoding_options(args: argparse.Namespace) -> pb.DecodingOptions:
                 raise ClientError("INVALID_ARGUMENT", f"--{flag.replace('_', '-')}: {error}") from None
     if args.top_log_probs is not None:
         options.top_log_probs = args.top_log_probs
+    if args.regex is not None:
+        options.constraint.regex = args.regex
+    elif args.choice:
+        options.constraint.choice.values.extend(args.choice)
+    elif args.json_schema is not None or args.grammar is not None:
+        flag, path = ("json-schema", args.json_schema) if args.json_schema is not None else ("grammar", args.grammar)
+        try:
+            text = sys.stdin.read() if path == "-" else open(path, encoding="utf-8").read()
+        except OSError as error:
+            raise ClientError("INVALID_ARGUMENT", f"--{flag} {path} cannot be read: {error.strerror}") from None
+        setattr(options.constraint, flag.replace("-", "_"), text)
     return options
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from server.decoding.limits import RequestLimits
+from server.decoding.matching import ConstraintSettings
 
 try:
     import tomllib
@@ -64,6 +65,11 @@ class ServerConfig:
     max_beam_size: int = 16  # the widest beam a request may ask for
     default_beam_size: int = 4  # what a beam request that leaves beam_size at 0 gets
     max_sources: int = 64  # source texts in one Translate request
+    # --- constrained decoding (DecodingOptions.constraint)
+    constraint_max_chars: int = 65_536  # characters of one constraint (a regex, a schema, all choices together)
+    constraint_compile_seconds: float = 2.0  # longer to compile: INVALID_ARGUMENT (compiles run off the event loop)
+    constraint_cache_entries: int = 256  # compiled constraints kept per model vocabulary and process (LRU)
+    constraint_mask_ms: float = 5.0  # a constraint whose next tokens take longer to work out is refused
     # --- sessions (all models together)
     max_sessions: int = 10_000  # open sessions; at the limit, the least recently used idle one is evicted
     session_ttl_seconds: int = 600  # idle time after which a session expires, when CreateSession asks for none
@@ -115,7 +121,8 @@ class ServerConfig:
         _check(self.graph_optimization_level in OPTIMIZATION_LEVELS, "graph_optimization_level",
                self.graph_optimization_level, "one of " + ", ".join(OPTIMIZATION_LEVELS))
         for name in ("max_rows_per_step", "max_queue", "max_input_tokens", "max_new_tokens", "max_beam_size",
-                     "max_sources", "max_receive_message_bytes", "max_sessions"):
+                     "max_sources", "max_receive_message_bytes", "max_sessions", "constraint_max_chars",
+                     "constraint_cache_entries"):
             _check(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
         _check(1 <= self.default_max_new_tokens <= self.max_new_tokens, "default_max_new_tokens",
                self.default_max_new_tokens, f"in [1, max_new_tokens={self.max_new_tokens}]")
@@ -141,6 +148,8 @@ class ServerConfig:
                f"in [0, {MAX_API_PROCESSES}] (0 = chosen from the cores, 1 = one process)")
         _check(0 <= self.stream_interval_ms <= 60_000, "stream_interval_ms", self.stream_interval_ms,
                "in [0, 60000] milliseconds (0 = send as soon as a stream can)")
+        for name in ("constraint_compile_seconds", "constraint_mask_ms"):
+            _check(getattr(self, name) > 0, name, getattr(self, name), "> 0")
         _check(self.poll_interval_seconds >= 0, "poll_interval_seconds", self.poll_interval_seconds,
                ">= 0 (0 = never)")
         _check(self.drain_grace_seconds >= 0, "drain_grace_seconds", self.drain_grace_seconds, ">= 0")
@@ -162,7 +171,13 @@ class ServerConfig:
         """The limits requests are validated against, by the API edge and the engine alike."""
         return RequestLimits(max_new_tokens=self.max_new_tokens, default_max_new_tokens=self.default_max_new_tokens,
                              max_beam_size=self.max_beam_size, default_beam_size=self.default_beam_size,
-                             max_sources=self.max_sources, max_input_tokens=self.max_input_tokens)
+                             max_sources=self.max_sources, max_input_tokens=self.max_input_tokens,
+                             constraints=self.constraint_settings())
+
+    def constraint_settings(self) -> ConstraintSettings:
+        """What compiling and following a constraint may cost (every process compiles through its own cache)."""
+        return ConstraintSettings(max_chars=self.constraint_max_chars, compile_seconds=self.constraint_compile_seconds,
+                                  cache_entries=self.constraint_cache_entries, mask_ms=self.constraint_mask_ms)
 
     @property
     def repository_path(self) -> Path:

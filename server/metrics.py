@@ -29,6 +29,8 @@ QUEUE_WAIT_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1
 REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+MASK_BUCKETS = (0.00001, 0.00002, 0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1)
+CONSTRAINT_KINDS = ("regex", "choice", "json_schema", "grammar")
 STORE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
@@ -83,6 +85,13 @@ class Metrics:
         self.model_load_duration_seconds = Histogram(
             name("model_load_duration_seconds"), "Time to verify and open a bundle.", ["model"],
             buckets=LOAD_BUCKETS, registry=r)
+        self.constrained_requests_total = Counter(
+            name("constrained_requests_total"), "Requests admitted with a constraint on their output, by kind.",
+            ["model", "kind"], registry=r)
+        self.constraint_mask_seconds = Histogram(
+            name("constraint_mask_seconds"),
+            "Time one step spent working out the allowed tokens of its constrained rows (steps with some).",
+            ["model"], buckets=MASK_BUCKETS, registry=r)
         # sessions
         self.sessions_active = Gauge(name("sessions_active"), "Open sessions.", ["model"], registry=r,
                                      multiprocess_mode="livesum")
@@ -121,6 +130,9 @@ class ModelMetrics:
         self.active_rows = metrics.active_rows.labels(model=model)
         self.model_load_duration_seconds = metrics.model_load_duration_seconds.labels(model=model)
         self._finished: dict[str, object] = {}
+        self.constraint_mask_seconds = metrics.constraint_mask_seconds.labels(model=model)
+        self._constrained = {kind: metrics.constrained_requests_total.labels(model=model, kind=kind)
+                             for kind in CONSTRAINT_KINDS}
         # Series that appear only on some traffic (a second chunk, a session) exist from the model's load
         # on, so dashboards show 0 rather than "no data" and a first scrape already lists every metric.
         metrics.time_to_first_token_seconds.labels(model=model)
@@ -135,6 +147,13 @@ class ModelMetrics:
         if child is None:
             child = self._finished[reason] = self.metrics.finished_total.labels(model=self.model, reason=reason)
         child.inc()
+
+    def count_constraints(self, kinds: list[str], mask_seconds: float) -> None:
+        """A step admitted requests with constraints of `kinds` and spent `mask_seconds` on masks."""
+        for kind in kinds:
+            self._constrained[kind].inc()
+        if mask_seconds:
+            self.constraint_mask_seconds.observe(mask_seconds)
 
     def set_info(self, version: int, cell: str, provider: str) -> None:
         self.metrics.model_info.labels(model=self.model, version=str(version), cell=cell, provider=provider).set(1)

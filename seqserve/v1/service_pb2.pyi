@@ -24,7 +24,7 @@ FINISH_REASON_STOP_SEQUENCE: FinishReason
 FINISH_REASON_CANCELLED: FinishReason
 
 class DecodingOptions(_message.Message):
-    __slots__ = ("strategy", "max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p", "seed", "beam_size", "length_penalty", "n_best", "early_stopping", "stop", "repetition_penalty", "no_repeat_ngram_size", "return_log_probs", "top_log_probs")
+    __slots__ = ("strategy", "max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p", "seed", "beam_size", "length_penalty", "n_best", "early_stopping", "stop", "repetition_penalty", "no_repeat_ngram_size", "return_log_probs", "top_log_probs", "constraint")
     class Strategy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STRATEGY_UNSPECIFIED: _ClassVar[DecodingOptions.Strategy]
@@ -51,6 +51,7 @@ class DecodingOptions(_message.Message):
     NO_REPEAT_NGRAM_SIZE_FIELD_NUMBER: _ClassVar[int]
     RETURN_LOG_PROBS_FIELD_NUMBER: _ClassVar[int]
     TOP_LOG_PROBS_FIELD_NUMBER: _ClassVar[int]
+    CONSTRAINT_FIELD_NUMBER: _ClassVar[int]
     strategy: DecodingOptions.Strategy
     max_new_tokens: int
     min_new_tokens: int
@@ -67,7 +68,26 @@ class DecodingOptions(_message.Message):
     no_repeat_ngram_size: int
     return_log_probs: bool
     top_log_probs: int
-    def __init__(self, strategy: _Optional[_Union[DecodingOptions.Strategy, str]] = ..., max_new_tokens: _Optional[int] = ..., min_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., beam_size: _Optional[int] = ..., length_penalty: _Optional[float] = ..., n_best: _Optional[int] = ..., early_stopping: bool = ..., stop: _Optional[_Iterable[str]] = ..., repetition_penalty: _Optional[float] = ..., no_repeat_ngram_size: _Optional[int] = ..., return_log_probs: bool = ..., top_log_probs: _Optional[int] = ...) -> None: ...
+    constraint: Constraint
+    def __init__(self, strategy: _Optional[_Union[DecodingOptions.Strategy, str]] = ..., max_new_tokens: _Optional[int] = ..., min_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., beam_size: _Optional[int] = ..., length_penalty: _Optional[float] = ..., n_best: _Optional[int] = ..., early_stopping: bool = ..., stop: _Optional[_Iterable[str]] = ..., repetition_penalty: _Optional[float] = ..., no_repeat_ngram_size: _Optional[int] = ..., return_log_probs: bool = ..., top_log_probs: _Optional[int] = ..., constraint: _Optional[_Union[Constraint, _Mapping]] = ...) -> None: ...
+
+class Constraint(_message.Message):
+    __slots__ = ("regex", "choice", "json_schema", "grammar")
+    REGEX_FIELD_NUMBER: _ClassVar[int]
+    CHOICE_FIELD_NUMBER: _ClassVar[int]
+    JSON_SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    GRAMMAR_FIELD_NUMBER: _ClassVar[int]
+    regex: str
+    choice: ChoiceList
+    json_schema: str
+    grammar: str
+    def __init__(self, regex: _Optional[str] = ..., choice: _Optional[_Union[ChoiceList, _Mapping]] = ..., json_schema: _Optional[str] = ..., grammar: _Optional[str] = ...) -> None: ...
+
+class ChoiceList(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, values: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TokenLogProb(_message.Message):
     __slots__ = ("token_id", "token", "log_prob")

@@ -16,7 +16,7 @@ import numpy as np
 
 from seqserve.v1 import service_pb2 as pb
 from seqserve.v1.manifest_pb2 import Manifest, ModelKind
-from server.decoding import DecodingParams, FinishReason, Hypothesis
+from server.decoding import Constraint, DecodingParams, FinishReason, Hypothesis
 from server.decoding.limits import RequestLimits
 from server.errors import InvalidArgument
 
@@ -81,13 +81,26 @@ def params_from_pb(options: pb.DecodingOptions, limits: RequestLimits, *, single
         no_repeat_ngram_size=options.no_repeat_ngram_size,
         return_log_probs=options.return_log_probs,
         top_logprobs=options.top_log_probs,
+        constraint=constraint_from_pb(options.constraint, where) if options.HasField("constraint") else None,
     )
     if not params.return_log_probs and params.top_logprobs:
         params = replace(params, return_log_probs=True)  # alternatives come with the chosen token's log-prob
     try:
-        return params.validate(limits.max_new_tokens, max_beam_size=limits.max_beam_size)
+        return params.validate(limits.max_new_tokens, max_beam_size=limits.max_beam_size,
+                               max_constraint_chars=limits.constraints.max_chars)
     except InvalidArgument as error:
-        raise _renamed(error, where) from None
+        raise renamed(error, where) from None
+
+
+def constraint_from_pb(message: pb.Constraint, where: str = "options") -> Constraint:
+    """The Constraint of a DecodingOptions.constraint (its shape is checked by DecodingParams.validate)."""
+    kind = message.WhichOneof("kind")
+    if kind is None:
+        raise InvalidArgument(f"{where}.constraint must set one of regex, choice, json_schema, grammar",
+                              field=f"{where}.constraint")
+    if kind == "choice":
+        return Constraint.choice(message.choice.values)
+    return Constraint(kind, getattr(message, kind))
 
 
 def sources_from_pb(sources: Sequence[str], limits: RequestLimits) -> list[str]:
@@ -223,7 +236,7 @@ def _float32(value: float) -> float:
     return float(np.format_float_positional(np.float32(value), unique=True, trim="-"))
 
 
-def _renamed(error: InvalidArgument, where: str) -> InvalidArgument:
+def renamed(error: InvalidArgument, where: str) -> InvalidArgument:
     """The same error naming the proto field ("options.top_log_probs") instead of the domain one."""
     if error.field is None:
         return error

@@ -25,6 +25,7 @@ from google.protobuf import message_factory
 import seqserve.inference as oip
 from seqserve.v1.manifest_pb2 import ModelKind
 from server.api import inference_convert as tensors
+from server.api.constraints import check_constraint, edge_error
 from server.api.errors import request_id_var
 from server.api.multiplex import multiplex
 from server.api.served_model import ServedModel
@@ -229,6 +230,7 @@ class InferenceServicer:
                 else:
                     params = parameters.decoding_params(self._limits, single_result=True)
                     prompt_ids = await model.encode_prompt(prompt)
+                    await check_constraint(model, params, self._limits, where="parameters", context_ids=prompt_ids)
                     stream = model.engine.submit(GenerationRequest(_request_id(request), prompt_ids, params,
                                                                    deadline=deadline))
                     responses = self._generation(model, request, stream, deadline, streaming, started)
@@ -255,6 +257,7 @@ class InferenceServicer:
         outputs = tensors.requested_outputs(request, _SEQ2SEQ_OUTPUTS)
         sources, shape = tensors.text_input(request, max_items=self._limits.max_sources, one=False)
         params = parameters.decoding_params(self._limits, single_result=False)
+        await check_constraint(model, params, self._limits, where="parameters")
         for index, text in enumerate(sources):  # every check first: nothing is tokenized when one is refused
             if not text.strip():
                 raise InvalidArgument(field=f"{tensors.TEXT}[{index}]", value=text, allowed="a non-empty text")
@@ -340,6 +343,7 @@ class InferenceServicer:
         params = None
         if parameters.options.max_new_tokens > 0:
             params = parameters.decoding_params(self._limits, single_result=True)
+            await check_constraint(model, params, self._limits, where="parameters")  # exact: at the generation
         elif "max_new_tokens" in parameters.given and parameters.options.max_new_tokens < 0:
             raise InvalidArgument(field="parameters.max_new_tokens", value=parameters.options.max_new_tokens,
                                   allowed=f"0 (feed only) to {self._limits.max_new_tokens}")
@@ -364,7 +368,10 @@ class InferenceServicer:
         try:
             if params is not None:
                 generation = self._sessions.generate(session_id, params, request_id=_request_id(request))
-                await generation.ready()
+                try:
+                    await generation.ready()
+                except InvalidArgument as error:  # its constraint, compiled for the session's own text
+                    raise edge_error(error, "parameters") from None
                 async for response in self._generation(model, request, generation, deadline, streaming, started):
                     tensors.set_parameter(response, "sequence_id", str(sequence.id))
                     yield response

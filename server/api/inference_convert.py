@@ -21,7 +21,7 @@ from seqserve.v1 import service_pb2 as pb
 from server.api import convert
 from server.decoding import DecodingParams
 from server.decoding.limits import RequestLimits
-from server.errors import InvalidArgument
+from server.errors import InvalidArgument, shown
 
 TEXT, SCORE = "TEXT", "SCORE"
 BYTES, FP32 = "BYTES", "FP32"
@@ -35,7 +35,8 @@ _SEQUENCE = ("sequence_id", "sequence_start", "sequence_end")
 # Parameters clients send that need no action here: Triton's scheduling hints (the gRPC deadline is the
 # timeout that counts) and its own `triton_*` controls.
 _ACCEPTED = ("priority", "timeout")
-OPTION_NAMES = ("strategy", *_INT32_OPTIONS, *_FLOAT_OPTIONS, "seed", "early_stopping", "stop")
+CONSTRAINT_NAMES = ("regex", "choice", "json_schema", "grammar")  # DecodingOptions.constraint, one at most
+OPTION_NAMES = ("strategy", *_INT32_OPTIONS, *_FLOAT_OPTIONS, "seed", "early_stopping", "stop", *CONSTRAINT_NAMES)
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,23 @@ class InferParameters:
     sequence: SequenceControl | None = None
 
     def decoding_params(self, limits: RequestLimits, *, single_result: bool) -> DecodingParams:
-        return convert.params_from_pb(self.options, limits, single_result=single_result, where="parameters")
+        try:
+            return convert.params_from_pb(self.options, limits, single_result=single_result, where="parameters")
+        except InvalidArgument as error:
+            raise constraint_error(error) from None
+
+
+def constraint_error(error: InvalidArgument) -> InvalidArgument:
+    """An error about "parameters.constraint.<kind>" as this protocol names it: the parameter "<kind>"
+    ("parameters.choice[2]" for a choice's value)."""
+    prefix = "parameters.constraint."
+    if error.field is None or not error.field.startswith(prefix):
+        return error
+    field = "parameters." + error.field[len(prefix):].replace("choice.values", "choice")
+    message = error.message
+    if message.startswith(error.field):
+        message = field + message[len(error.field):]
+    return InvalidArgument(message, field=field, value=error.value, allowed=error.allowed)
 
 
 def parameters_from_pb(parameters: Mapping[str, object]) -> InferParameters:
@@ -84,6 +101,16 @@ def parameters_from_pb(parameters: Mapping[str, object]) -> InferParameters:
             options.early_stopping = _bool(parameter, where)
         elif name == "stop":
             options.stop.extend(_stop(parameter, where))
+        elif name in CONSTRAINT_NAMES:
+            given = [other for other in CONSTRAINT_NAMES if other in parameters and other != name]
+            if given:
+                raise InvalidArgument(f"{where} and parameters.{given[0]} cannot both be set: a request has one "
+                                      "constraint", field=where, value=name,
+                                      allowed="one of " + ", ".join(CONSTRAINT_NAMES))
+            if name == "choice":
+                options.constraint.choice.values.extend(_choices(parameter, where))
+            else:
+                setattr(options.constraint, name, _string(parameter, where))
         elif name in _ACCEPTED or name.startswith("triton_"):
             continue
         else:
@@ -280,6 +307,19 @@ def _sequence_id(parameter, where: str) -> int | str:
         raise InvalidArgument(f"{where} must be an unsigned integer or a string, got {_kind(value)} ({value!r})",
                               field=where, value=value, allowed="an unsigned integer or a string")
     return value
+
+
+def _choices(parameter, where: str) -> list[str]:
+    """A choice constraint's values: a JSON array of strings ('["yes", "no"]')."""
+    value = _string(parameter, where)
+    try:
+        choices = json.loads(value)
+    except json.JSONDecodeError:
+        choices = None
+    if not isinstance(choices, list) or not all(isinstance(choice, str) for choice in choices):
+        raise InvalidArgument(f"{where} must be a JSON array of strings, got {shown(value)}", field=where,
+                              value=value, allowed='a JSON array of strings, e.g. ["yes", "no"]')
+    return choices
 
 
 def _stop(parameter, where: str) -> list[str]:

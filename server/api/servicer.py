@@ -20,6 +20,7 @@ from seqserve.v1 import service_pb2 as pb
 from seqserve.v1 import service_pb2_grpc as pb_grpc
 from seqserve.v1.manifest_pb2 import ModelKind
 from server.api import convert
+from server.api.constraints import check_constraint, edge_error
 from server.api.converse import converse
 from server.api.errors import request_id_var
 from server.api.served_model import ServedModel, TokenLog
@@ -57,6 +58,7 @@ class SeqserveServicer(pb_grpc.SeqserveServicer):
         sources = convert.sources_from_pb(request.sources, self._limits)
         params = convert.params_from_pb(request.options, self._limits)
         model = await self._model(request.model, request.version, "Translate")
+        await check_constraint(model, params, self._limits)
         for i, text in enumerate(sources):  # every cap first: no source is tokenized when one is refused
             model.check_source_chars(text, f"sources[{i}]")
         encoded = [await model.encode_source(text, f"sources[{i}]") for i, text in enumerate(sources)]
@@ -82,6 +84,7 @@ class SeqserveServicer(pb_grpc.SeqserveServicer):
         convert.check_text("source", request.source)
         params = convert.params_from_pb(request.options, self._limits)
         model = await self._model(request.model, request.version, "TranslateStream")
+        await check_constraint(model, params, self._limits)
         source_ids = await model.encode_source(request.source, "source")
         stream = model.engine.submit(TranslationRequest(request_id_var.get(), source_ids, params,
                                                         request.return_attention, _deadline(context)))
@@ -105,6 +108,7 @@ class SeqserveServicer(pb_grpc.SeqserveServicer):
         params = convert.params_from_pb(request.options, self._limits, single_result=True)
         model = await self._model(request.model, request.version, "Generate")
         prompt_ids = await model.encode_prompt(request.prompt)
+        await check_constraint(model, params, self._limits, context_ids=prompt_ids)
         stream = model.engine.submit(GenerationRequest(request_id_var.get(), prompt_ids, params,
                                                        deadline=_deadline(context)))
         async for item in self._chunks(stream, model, TokenLog(), arrived, pb.GenerateResponse,
@@ -224,7 +228,10 @@ class SeqserveServicer(pb_grpc.SeqserveServicer):
                                              request_id=request.request_id or request_id,
                                              retry_id=request.request_id)
         try:
-            model = ServedModel(await generation.ready())
+            try:
+                model = ServedModel(await generation.ready())
+            except InvalidArgument as error:  # its constraint, compiled for the session's model
+                raise edge_error(error, "options") from None
             async for item in self._chunks(generation, model, TokenLog(), arrived, pb.GenerateResponse,
                                            batches=batches):
                 if not isinstance(item, FinishEvent):

@@ -5,6 +5,7 @@ Same semantics as the PyTorch reference decoders (`training/models/decoding.py`)
 
 from server.decoding.beam import BeamSearch, BeamStep
 from server.decoding.chooser import Choice, TokenChooser, TopAlternatives
+from server.decoding.constraint import Constraint
 from server.decoding.history import TokenHistory
 from server.decoding.hypothesis import FinishReason, Hypothesis, gnmt_length_penalty
 from server.decoding.params import DecodingParams
@@ -19,7 +20,7 @@ from server.decoding.row_params import BEAM, GREEDY, SAMPLE, RowParams
 from server.decoding.sampling import counter_uniforms, sample_tokens
 
 __all__ = [
-    "BEAM", "GREEDY", "SAMPLE", "BeamSearch", "BeamStep", "Choice", "DecodingParams", "FinishReason",
+    "BEAM", "GREEDY", "SAMPLE", "BeamSearch", "BeamStep", "Choice", "Constraint", "DecodingParams", "FinishReason",
     "Hypothesis", "MinNewTokens", "NoRepeatNGram", "ProcessorChain", "RepetitionPenalty", "RowParams",
     "TokenChooser", "TokenHistory", "TopAlternatives", "counter_uniforms", "default_processors",
     "gnmt_length_penalty", "sample_tokens",

@@ -17,6 +17,9 @@ Algorithm (the PyTorch reference `training.models.decoding.beam_search` is the s
   live beam can still beat the n_best-th: best_live / max(lp(length), lp(max_new_tokens)) <= that score
   (the bound of `best_live` over every possible ending, valid for any alpha, see the reference module).
 - Results: the n_best highest scores, ties in order of finishing.
+- A constrained request has a matcher per row (`constraints`); its mask comes after the processors, and
+  a surviving row's matcher is its parent's (copied where a parent has several children), then takes the
+  row's token.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import numpy as np
 
 from server.decoding.history import TokenHistory
 from server.decoding.hypothesis import FinishReason, Hypothesis, gnmt_length_penalty
+from server.decoding.matching import AllowedTokens, ConstraintRows, apply_allowed
 from server.decoding.params import DecodingParams
 from server.decoding.processors import ProcessorChain, default_processors
 from server.decoding.row_params import RowParams
@@ -58,6 +62,7 @@ class BeamSearch:
         # Per row (R*K).
         self.history = TokenHistory.empty(vocab_size)
         self.rows = RowParams.empty()
+        self.constraints = ConstraintRows.empty()
         self._live_scores = np.zeros((0, beam_size))
         # Per request (R).
         self._generated = np.zeros(0, dtype=np.int64)
@@ -80,12 +85,13 @@ class BeamSearch:
         return len(self.request_ids) * self.beam_size
 
     def join(self, request_ids: Sequence[Hashable], params: Sequence[DecodingParams],
-             prompts: Sequence[Sequence[int]] | None = None) -> None:
+             prompts: Sequence[Sequence[int]] | None = None, constraints: ConstraintRows | None = None) -> None:
         """Add requests after the current ones; their K rows each follow in the same order.
 
         The engine appends each request's state repeated K times (`np.repeat(state, K, axis=0)`) and
         feeds its start token (<bos>, or the last prompt token) to all K rows at the next step.
-        `prompts` are the tokens no_repeat_ngram_size and repetition_penalty look back on (None: none).
+        `prompts` are the tokens no_repeat_ngram_size and repetition_penalty look back on (None: none);
+        `constraints` the matchers of the K rows of every request, in row order (None: no constraint).
         """
         k = self.beam_size
         prompts = [list(p) for p in prompts] if prompts is not None else [[] for _ in request_ids]
@@ -104,6 +110,8 @@ class BeamSearch:
         self.history = TokenHistory.concatenate(
             [self.history, TokenHistory.from_prompts(beam_prompts, self.vocab_size)])
         self.rows = RowParams.concatenate([self.rows, *(RowParams.from_params(p, k) for p in params)])
+        self.constraints = ConstraintRows.concatenate(
+            [self.constraints, constraints if constraints is not None else ConstraintRows.empty(len(params) * k)])
         live = np.full((len(params), k), -np.inf)
         live[:, 0] = 0.0
         self._live_scores = np.concatenate([self._live_scores, live])
@@ -130,14 +138,16 @@ class BeamSearch:
         keep = np.array([rid not in leaving for rid in self.request_ids], dtype=bool)
         return self._keep_requests(keep)
 
-    def step(self, log_probs: np.ndarray) -> BeamStep:
-        """Advance every request by one token, given the model's log-probs [R*K, V] for its rows."""
+    def step(self, log_probs: np.ndarray, allowed: AllowedTokens | None = None) -> BeamStep:
+        """Advance every request by one token, given the model's log-probs [R*K, V] for its rows and the
+        tokens its constrained rows may choose (`allowed`, see `matching.allowed_tokens`)."""
         k, vocab = self.beam_size, self.vocab_size
         n_requests = len(self.request_ids)
         if log_probs.shape != (n_requests * k, vocab):
             raise ValueError(f"log_probs must be [{n_requests * k}, {vocab}], got {list(log_probs.shape)}")
         scores = np.array(log_probs, dtype=np.float64)
         scores = self.processors(self.history, scores, self.rows, np.repeat(self._generated, k))
+        scores = apply_allowed(scores, allowed, log_probs)
         candidates = (self._live_scores.reshape(-1, 1) + scores).reshape(n_requests, k * vocab)
         flat, values = stable_top_k(candidates, 2 * k)
         beams, tokens = np.divmod(flat, vocab)
@@ -163,6 +173,9 @@ class BeamSearch:
 
         self.history = self.history.filter(parent_rows)
         self.history.append(next_tokens.reshape(-1))
+        if self.constraints.active:
+            self.constraints = self.constraints.filter(parent_rows)
+            self.constraints.consume(next_tokens.reshape(-1), live=(live > -np.inf).reshape(-1))
         self._live_scores = live
         self._generated += 1
 
@@ -207,6 +220,7 @@ class BeamSearch:
         self.request_ids = [rid for rid, kept in zip(self.request_ids, keep, strict=True) if kept]
         self.history = self.history.filter(keep_rows)
         self.rows = self.rows.filter(keep_rows)
+        self.constraints = self.constraints.filter(keep_rows)
         self._live_scores = self._live_scores[keep]
         self._generated = self._generated[keep]
         self._prompt_lengths = self._prompt_lengths[keep]

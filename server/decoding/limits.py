@@ -3,7 +3,9 @@ object, built from the server's settings, read by the API edge and the engine al
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+
+from server.decoding.matching import ConstraintSettings
 
 
 @dataclass(frozen=True)
@@ -14,9 +16,12 @@ class RequestLimits:
     default_beam_size: int = 4  # what a beam request that leaves beam_size at 0 gets
     max_sources: int = 64  # source texts in one Translate request
     max_input_tokens: int = 512  # prompt, source or fed tokens of one request (longer: INVALID_ARGUMENT)
+    constraints: ConstraintSettings = field(default_factory=ConstraintSettings)  # a constraint's size and compile
 
     def __post_init__(self):
         for limit in fields(self):
+            if limit.name == "constraints":
+                continue
             value = getattr(self, limit.name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"request limit {limit.name} must be a positive integer, got {value!r}")

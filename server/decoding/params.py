@@ -6,6 +6,7 @@ import math
 import secrets
 from dataclasses import dataclass, field, replace
 
+from server.decoding.constraint import DEFAULT_MAX_CHARS, Constraint
 from server.errors import InvalidArgument
 
 STRATEGIES = ("greedy", "sample", "beam")
@@ -37,6 +38,9 @@ class DecodingParams:
     no_repeat_ngram_size: int = 0  # ban tokens that would repeat an n-gram of the history; 0 = off
     return_log_probs: bool = False  # return each chosen token's log-prob
     top_logprobs: int = 0  # also return this many most probable alternatives per step
+    # what the output text must match (regex, choice, JSON schema, Lark grammar); None = anything. Greedy
+    # with a choice list scores every choice whole: it runs as a beam of one row per choice (see `validate`)
+    constraint: Constraint | None = None
     # Set by `validate` on what it returns, so a request is validated once, where it enters: the API
     # validates against the server's limits, and the engine validates only what arrives unvalidated.
     validated: bool = field(default=False, repr=False, compare=False)
@@ -52,13 +56,19 @@ class DecodingParams:
             return self
         return replace(self, seed=secrets.randbits(64))
 
-    def validate(self, max_new_tokens_limit: int, *, max_beam_size: int = 16) -> DecodingParams:
+    def validate(self, max_new_tokens_limit: int, *, max_beam_size: int = 16,
+                 max_constraint_chars: int = DEFAULT_MAX_CHARS) -> DecodingParams:
         """Raise `InvalidArgument` naming the first bad field; return the parameters as they will be used,
         marked `validated` (validated parameters are returned as they are).
 
         Temperature 0 means greedy, for every caller: a sampling request with it becomes greedy, and a
         greedy or beam one (whose choice no temperature changes) keeps its strategy. A sampling request
         without a seed gets one drawn here (`with_seed`), so the seed used can be reported back.
+
+        Greedy with a choice constraint answers the choice the model scores highest (the sum of its tokens'
+        log-probs and the end's), not the token-by-token greedy path: it becomes a beam search with one beam
+        per choice (at most max_beam_size), no length penalty and one result, which explores every choice
+        of a tokenizer that spells each choice one way (char, word) whole.
         """
         if self.validated:
             return self
@@ -88,13 +98,25 @@ class DecodingParams:
                    allowed=f"in [0, {MAX_NO_REPEAT_NGRAM_SIZE}] (0 turns it off)")
         _check_bool("return_log_probs", self.return_log_probs)
         _check_int("top_logprobs", self.top_logprobs, 0, MAX_TOP_LOGPROBS)
-        if self.strategy == "beam" and self.top_logprobs:
-            raise InvalidArgument(field="top_logprobs", value=self.top_logprobs,
-                                  allowed="0 with strategy 'beam' (alternatives are per-step, beams are not)")
+        if self.constraint is not None:
+            if not isinstance(self.constraint, Constraint):
+                raise InvalidArgument(field="constraint", value=self.constraint, allowed="a Constraint or unset")
+            self.constraint.validate(max_constraint_chars)
         params = self
         if self.temperature == 0:
             params = replace(self, strategy="greedy" if self.strategy == "sample" else self.strategy,
                              temperature=1.0)
+        if params.strategy == "greedy" and params.constraint is not None and params.constraint.kind == "choice":
+            if params.top_logprobs:
+                raise InvalidArgument(field="top_logprobs", value=params.top_logprobs,
+                                      allowed="0 with greedy decoding under a choice constraint (choices are "
+                                              "scored whole, not token by token)")
+            width = min(len(set(params.constraint.choices)), max_beam_size)
+            params = replace(params, strategy="beam", beam_size=width, n_best=1, length_penalty=0.0,
+                             early_stopping=False)
+        if params.strategy == "beam" and params.top_logprobs:
+            raise InvalidArgument(field="top_logprobs", value=params.top_logprobs,
+                                  allowed="0 with strategy 'beam' (alternatives are per-step, beams are not)")
         if params.strategy == "sample":
             params = params.with_seed()
         return replace(params, validated=True)

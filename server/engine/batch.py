@@ -14,6 +14,7 @@ import numpy as np
 
 from server.decoding import RowParams, TokenHistory
 from server.engine.requests import State
+from server.decoding.matching import ConstraintRows
 
 CHOOSER_GROUP = 0  # `groups` value of greedy and sampling rows; beam rows hold their beam size
 
@@ -138,6 +139,7 @@ class ChooserRows:
     plain: np.ndarray  # [N] bool: its tokens go out as bare ids, their text made by the consumer
     keys: np.ndarray  # [N] int64: the row's request's key with its consumer
     consumers: np.ndarray  # [N] int64: the consumer's id
+    constraints: ConstraintRows  # the matcher of each row that has a constraint
 
     @classmethod
     def empty(cls, vocab_size: int) -> ChooserRows:
@@ -146,9 +148,9 @@ class ChooserRows:
     @classmethod
     def start(cls, rows: RowParams, histories: list[list[int]], vocab_size: int, tracked: list | None = None,
               plain: np.ndarray | None = None, keys: list[int] | None = None,
-              consumers: list[int] | None = None) -> ChooserRows:
+              consumers: list[int] | None = None, constraints: ConstraintRows | None = None) -> ChooserRows:
         """Rows that have generated nothing yet; `histories` are what the processors look back on. Rows are
-        not plain by default."""
+        not plain by default, nor constrained."""
         count = len(rows)
         owners = np.empty(count, dtype=object)
         if tracked is not None:
@@ -157,7 +159,8 @@ class ChooserRows:
         ints = [np.zeros(count, dtype=np.int64) if column is None else np.asarray(column, dtype=np.int64)
                 for column in (keys, consumers)]
         return cls(rows, TokenHistory.from_prompts(histories, vocab_size), np.zeros(count, dtype=np.int64),
-                   np.zeros(count, dtype=np.float64), owners, plain, *ints)
+                   np.zeros(count, dtype=np.float64), owners, plain, *ints,
+                   constraints if constraints is not None else ConstraintRows.empty(count))
 
     def __len__(self) -> int:
         return len(self.generated)
@@ -178,7 +181,7 @@ class ChooserRows:
     def filter(self, index: np.ndarray) -> ChooserRows:
         return ChooserRows(self.rows.filter(index), self.history.filter(index), self.generated[index],
                            self.log_prob[index], self.tracked[index], self.plain[index], self.keys[index],
-                           self.consumers[index])
+                           self.consumers[index], self.constraints.filter(index))
 
     @staticmethod
     def concatenate(parts: list[ChooserRows]) -> ChooserRows:
@@ -190,4 +193,5 @@ class ChooserRows:
             TokenHistory.concatenate([p.history for p in parts]),
             *(np.concatenate([getattr(p, name) for p in parts])
               for name in ("generated", "log_prob", "tracked", "plain", "keys", "consumers")),
+            ConstraintRows.concatenate([p.constraints for p in parts]),
         )

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from server.decoding import BeamSearch, Hypothesis
+from server.decoding.matching import AllowedTokens
 from server.engine.batch import take_rows
 from server.engine.tracking import Tracked
 
@@ -25,14 +26,15 @@ class BeamGroupStep:
 
 
 def step_beam_group(beam: BeamSearch, rows: np.ndarray, log_probs: np.ndarray, attention: np.ndarray | None,
-                    tracked: dict[int, Tracked]) -> BeamGroupStep:
-    """Advance the group whose rows (in `BeamSearch` order) are `rows` of the batch."""
+                    tracked: dict[int, Tracked], allowed: AllowedTokens | None = None) -> BeamGroupStep:
+    """Advance the group whose rows (in `BeamSearch` order) are `rows` of the batch; `allowed`: the tokens
+    its constrained rows may choose."""
     size = beam.beam_size
     if len(rows) != beam.num_rows:
         raise RuntimeError(f"beam group {size} has {beam.num_rows} rows, the batch {len(rows)}")
     before = list(beam.request_ids)
     history_before = beam.history  # BeamSearch replaces it each step, so this one stays as it was
-    step = beam.step(take_rows(log_probs, rows))
+    step = beam.step(take_rows(log_probs, rows), allowed)
 
     memory_index = rows
     if step.done:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 from server.decoding.limits import RequestLimits
+from server.decoding.matching import ConstraintSettings
 
 IO_BINDING_MODES = ("auto", "on", "off")
 
@@ -20,13 +21,15 @@ class EngineConfig:
     # LM decode step through IO binding, the state kept in ONNX Runtime buffers between steps: "on", "off",
     # or "auto" (on where the session runs on a CUDA device).
     io_binding: str = "auto"
+    # what compiling and following a constraint may cost (each process compiles through its own cache)
+    constraints: ConstraintSettings = field(default_factory=ConstraintSettings)
 
     def __post_init__(self):
         if self.io_binding not in IO_BINDING_MODES:
             raise ValueError(f"engine setting io_binding must be one of {', '.join(IO_BINDING_MODES)}, "
                              f"got {self.io_binding!r}")
         for setting in fields(self):
-            if setting.name in ("io_binding", "limits"):
+            if setting.name in ("io_binding", "limits", "constraints"):
                 continue
             value = getattr(self, setting.name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

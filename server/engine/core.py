@@ -30,8 +30,10 @@ import numpy as np
 
 from server.bundle import LoadedBundle
 from server.decoding import BeamSearch, FinishReason, RowParams, TokenChooser
+from server.decoding.matching import AllowedTokens, ConstraintRows, ConstraintSettings, allowed_tokens
 from server.engine.batch import CHOOSER_GROUP, ChooserRows, DecodeBatch, take_rows
 from server.engine.beams import BeamGroupStep, step_beam_group
+from server.engine.constraints import compiler_for
 from server.engine.requests import Event, FeedRequest, GenerationRequest, State, TranslationRequest
 from server.engine.runner import Runner
 from server.engine.scheduler import Entry, Plan
@@ -55,12 +57,14 @@ class StepResult:
     decode_seconds: float = 0.0
     prompt_tokens: int = 0
     generated_tokens: int = 0
+    constrained: list[str] = field(default_factory=list)  # the constraint kind of every request admitted with one
+    mask_seconds: float = 0.0  # spent working out the constrained rows' allowed tokens (0: none had to)
 
 
 class EngineCore:
     """The batch, the decoding state of its rows, and the step that advances them."""
 
-    def __init__(self, bundle: LoadedBundle, runner: Runner):
+    def __init__(self, bundle: LoadedBundle, runner: Runner, constraints: ConstraintSettings | None = None):
         spec = bundle.spec
         self.runner = runner
         self.is_lm = spec.is_lm
@@ -70,6 +74,7 @@ class EngineCore:
         self.tokenizer = bundle.tokenizer(spec.output_tokenizer_role)
         self.table = TokenTable.build(self.tokenizer, self.vocab_size)  # None: decode windows instead
         self.chooser = TokenChooser(self.eos_id)
+        self.constraint_settings = constraints or ConstraintSettings()
         self._decoder: ThreadPoolExecutor | None = None  # runs the batch's decode call during an admission
         self._in_flight: Future | None = None
         self._joining: _Joining | None = None
@@ -81,6 +86,7 @@ class EngineCore:
         if in_flight is not None:
             concurrent.futures.wait([in_flight])  # a graph call cannot be interrupted; its result is dropped
         self._joining = None
+        self._masks: list[AllowedTokens | None] | None = None  # the batch's, worked out during its decode call
         self.batch = DecodeBatch.empty(self.runner.state_shapes, self.runner.memory_size)
         self.choosers = ChooserRows.empty(self.vocab_size)
         self.beams: dict[int, BeamSearch] = {}
@@ -117,6 +123,8 @@ class EngineCore:
                 calling.wait()
         if decode_started is not None:
             decode_started()
+        if self._in_flight is not None:  # the constrained rows' masks, while their decode call runs
+            self._masks = self._batch_masks(result)
         if plan.admit:
             self._admit(plan.admit, result)
         return result
@@ -209,21 +217,26 @@ class EngineCore:
             tracked = [self.tracked[requests[i].slot] for i in chosen]
             part = ChooserRows.start(rows, [histories[i] for i in chosen], self.vocab_size, tracked,
                                      plain=[t.text is None for t in tracked], keys=[t.entry.key for t in tracked],
-                                     consumers=[t.entry.consumer.consumer_id for t in tracked])
+                                     consumers=[t.entry.consumer.consumer_id for t in tracked],
+                                     constraints=self._constraint_rows([requests[i] for i in chosen],
+                                                                       [histories[i] for i in chosen], result))
             first = arrivals.filter(arrivals.groups == CHOOSER_GROUP)  # one row per request
             if self.is_lm:  # prefilled through the whole prompt: the first token's log-probs are there
                 log_probs, state, attention = first_log_probs[chosen], first.state, None
             else:  # one decoder step of the joining rows alone
                 log_probs, state, attention = self.runner.decode(first)
+            (allowed,) = self._allowed([part.constraints], result)
             joining.choosers, keep, tokens = self._choose(part, np.arange(len(first)), log_probs, state, attention,
-                                                          result)
+                                                          result, allowed)
             kept = np.flatnonzero(keep)
             joining.rows.append(first.advance(state, kept, tokens[kept]))
         beam_sizes = sorted({g for g in groups if g != CHOOSER_GROUP})
         for size in beam_sizes:
             members = [i for i, g in enumerate(groups) if g == size]
             joining.beams.append((size, [requests[i].slot for i in members], [requests[i].params for i in members],
-                                  [histories[i] for i in members] if self.is_lm else None))
+                                  [histories[i] for i in members] if self.is_lm else None,
+                                  self._constraint_rows([requests[i] for i in members], [histories[i] for i in members],
+                                                        result, repeats=size)))
         if beam_sizes:
             joining.rows.append(arrivals.filter(arrivals.groups != CHOOSER_GROUP))
 
@@ -235,11 +248,11 @@ class EngineCore:
             return
         if joining.choosers is not None:
             self.choosers = ChooserRows.concatenate([self.choosers, joining.choosers])
-        for size, slots, params, histories in joining.beams:
+        for size, slots, params, histories, constraints in joining.beams:
             beam = self.beams.get(size)
             if beam is None:
                 beam = self.beams[size] = BeamSearch(size, self.vocab_size, self.eos_id)
-            beam.join(slots, params, histories)
+            beam.join(slots, params, histories, constraints)
         self.batch = DecodeBatch.concatenate([self.batch, *joining.rows])
 
     def _prefill(self, requests: list[Entry], feeds: list[Entry], result: StepResult
@@ -309,24 +322,55 @@ class EngineCore:
     def _text_stream(self, entry: Entry, history: list[int]) -> TextStream:
         return TextStream(self.tokenizer, entry.params.stop, context_ids=history, table=self.table)
 
+    def _constraint_rows(self, entries: list[Entry], histories: list[list[int]], result: StepResult,
+                         repeats: int = 1) -> ConstraintRows | None:
+        """A matcher of its own for each of the `repeats` rows of every entry that carries a constraint (None:
+        none does). Compiled when the request was submitted, so this is the cache's copy."""
+        constrained = [i for i, e in enumerate(entries) if e.params.constraint is not None]
+        if not constrained:
+            return None
+        compiler = compiler_for(self.tokenizer, self.vocab_size, self.eos_id, self.constraint_settings)
+        matchers: list = [None] * (len(entries) * repeats)
+        for i in constrained:  # per joining request
+            constraint = entries[i].params.constraint
+            lead = compiler.lead(spoken=self.table is not None and self.table.speaks(histories[i]))
+            matchers[i * repeats : (i + 1) * repeats] = [compiler.matcher(constraint, lead) for _ in range(repeats)]
+            result.constrained.append(constraint.kind)
+        return ConstraintRows.of(matchers)
+
+    def _batch_masks(self, result: StepResult) -> list[AllowedTokens | None]:
+        """The allowed tokens of the batch's greedy/sampling rows, then of each beam group that has rows."""
+        groups = [beam for beam in self.beams.values() if len(beam)]
+        return self._allowed([self.choosers.constraints, *(beam.constraints for beam in groups)], result)
+
+    def _allowed(self, parts: list[ConstraintRows], result: StepResult) -> list[AllowedTokens | None]:
+        """The allowed tokens of the constrained rows of `parts`, all worked out together (timed)."""
+        if not any(part.count for part in parts):
+            return [None] * len(parts)
+        started = time.perf_counter()
+        allowed = allowed_tokens(parts, self.vocab_size, self.eos_id, self.constraint_settings.mask_threads)
+        result.mask_seconds += time.perf_counter() - started
+        return allowed
+
     # --- one step of every row ------------------------------------------------------------------
 
     def _advance(self, log_probs: np.ndarray, state: State, attention: np.ndarray | None,
                  result: StepResult) -> None:
         batch = self.batch
         index_parts, token_parts, memory_parts = [], [], []
+        groups = [beam for beam in self.beams.values() if len(beam)]
+        masks, self._masks = self._masks, None
+        allowed, *beam_allowed = masks if masks is not None else self._batch_masks(result)
         chooser_rows = np.flatnonzero(batch.groups == CHOOSER_GROUP)
         if chooser_rows.size:
             self.choosers, keep, tokens = self._choose(self.choosers, chooser_rows, log_probs, state, attention,
-                                                       result)
+                                                       result, allowed)
             index_parts.append(chooser_rows[keep])
             memory_parts.append(chooser_rows[keep])
             token_parts.append(tokens[keep])
-        for size, beam in self.beams.items():
-            if not len(beam):
-                continue
-            rows = np.flatnonzero(batch.groups == size)
-            group = step_beam_group(beam, rows, log_probs, attention, self.tracked)
+        for beam, beam_mask in zip(groups, beam_allowed, strict=True):
+            rows = np.flatnonzero(batch.groups == beam.beam_size)
+            group = step_beam_group(beam, rows, log_probs, attention, self.tracked, beam_mask)
             self._emit_beams(group, result)
             index_parts.append(group.index)
             memory_parts.append(group.memory_index)
@@ -335,17 +379,21 @@ class EngineCore:
                                    np.concatenate(memory_parts))
 
     def _choose(self, choosers: ChooserRows, rows: np.ndarray, log_probs: np.ndarray, state: State,
-                attention: np.ndarray | None, result: StepResult) -> tuple[ChooserRows, np.ndarray, np.ndarray]:
+                attention: np.ndarray | None, result: StepResult, allowed: AllowedTokens | None = None
+                ) -> tuple[ChooserRows, np.ndarray, np.ndarray]:
         """Greedy/sampling rows choose a token each. `rows` (ascending) index their log-probs, state (after
-        the step) and attention in the step's arrays, in the order of `choosers`. Returns the
-        choosers of the rows that go on, which rows go on (bool [N]), and every row's token."""
-        choice = self.chooser.choose(take_rows(log_probs, rows), choosers.rows, choosers.history, choosers.generated)
+        the step) and attention in the step's arrays, in the order of `choosers`; `allowed`: the tokens of
+        its constrained rows. Returns the choosers of the rows that go on, which rows go on (bool [N]), and
+        every row's token."""
+        choice = self.chooser.choose(take_rows(log_probs, rows), choosers.rows, choosers.history, choosers.generated,
+                                     allowed)
         tokens = choice.tokens
         is_eos = tokens == self.eos_id
         at_limit = choosers.generated + 1 >= choosers.rows.max_new_tokens
         result.generated_tokens += int((~is_eos).sum())
         choosers.advance(tokens, choice.log_probs)
         ending = is_eos | at_limit
+        choosers.constraints.consume(tokens, live=~ending)
         keep = ~ending
         plain = choosers.plain
         others = np.flatnonzero(~plain)

@@ -24,6 +24,7 @@ import numpy as np
 from server.bundle import LoadedBundle
 from server.decoding import FinishReason
 from server.engine.config import EngineConfig
+from server.engine.constraints import check_constraint
 from server.engine.core import EngineCore, StepResult
 from server.engine.requests import (
     Consumer,
@@ -56,7 +57,7 @@ class ModelEngine:
         self.spec = bundle.spec
         self.kind = bundle.spec.kind  # a ModelKind, equal to "lm" or "seq2seq"
         self.runner = Runner(bundle, config.io_binding)
-        self._core = EngineCore(bundle, self.runner)
+        self._core = EngineCore(bundle, self.runner, config.constraints)
         self._scheduler = Scheduler(config)
         self._metrics = (metrics if metrics is not None else Metrics()).for_model(self.name)
         self._provider = bundle.providers[0] if bundle.providers else "none"
@@ -157,6 +158,12 @@ class ModelEngine:
                      enqueued_at=time.monotonic(), consumer=consumer, key=key)
 
     # --- what sessions use (server.sessions.port.SessionEngine) -------------------------------
+
+    async def check_constraint(self, params, context_ids=()) -> None:
+        """Compile `params.constraint` for this model off the event loop (see `server.engine.constraints`)."""
+        spec = self.spec
+        await check_constraint(params, self.bundle.tokenizer(spec.output_tokenizer_role), spec.vocab_size,
+                               spec.special.eos, self.config.constraints, context_ids)
 
     @property
     def max_input_tokens(self) -> int:
@@ -341,6 +348,7 @@ class ModelEngine:
             metrics.prompt_tokens_total.inc(result.prompt_tokens)
         if result.generated_tokens:
             metrics.generated_tokens_total.inc(result.generated_tokens)
+        metrics.count_constraints(result.constrained, result.mask_seconds)
         rows_out = 0
         for entry, reason in result.finished:
             rows_out += entry.rows

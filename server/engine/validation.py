@@ -13,7 +13,8 @@ import numpy as np
 from server.bundle import LoadedBundle
 from server.decoding import DecodingParams
 from server.engine.config import EngineConfig
-from server.engine.requests import FeedRequest, GenerationRequest, TranslationRequest
+from server.engine.constraints import compile_constraint
+from server.engine.requests import FeedRequest, GenerationRequest, TranslationRequest, context_of
 from server.errors import FailedPrecondition, InvalidArgument
 
 
@@ -44,7 +45,10 @@ def validate_request(request: GenerationRequest | TranslationRequest, bundle: Lo
         raise TypeError(f"an engine takes GenerationRequest or TranslationRequest, got {type(request).__name__}")
     if not isinstance(request.params, DecodingParams):
         raise TypeError(f"params must be DecodingParams, got {type(request.params).__name__}")
-    params = request.params.validate(limits.max_new_tokens, max_beam_size=limits.max_beam_size)
+    params = request.params.validate(limits.max_new_tokens, max_beam_size=limits.max_beam_size,
+                                     max_constraint_chars=config.constraints.max_chars)
+    if params.constraint is not None:  # compiled now (this process's cache), so admission only copies it
+        compile_constraint(params, bundle, config.constraints, context_of(request))
     if params.strategy == "beam" and params.beam_size > config.max_rows:
         raise InvalidArgument(field="beam_size", value=params.beam_size,
                               allowed=f"at most {config.max_rows} (the rows this server decodes at once)")

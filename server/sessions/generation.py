@@ -91,7 +91,9 @@ class SessionGeneration(RequestStream):
                     await self._taken
                     return
 
-                def submit(engine: SessionEngine) -> RequestStream:
+                async def submit(engine: SessionEngine) -> RequestStream:
+                    if params.constraint is not None:  # compiled off the event loop before it is queued
+                        await engine.check_constraint(params, record.history.tolist())
                     return engine.submit(GenerationRequest(
                         self.request_id, [record.last_token_id], params, initial_state=record.state,
                         history_ids=record.history.tolist(), return_final_state=not leave_unchanged))

@@ -10,11 +10,13 @@ says so), never the engine's scheduler, runner or loop.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
 
 from seqserve.bundle.spec import ModelSpec
+from server.decoding import DecodingParams
 from server.engine.requests import FinishEvent, GenerationRequest, RequestStream, State
 
 
@@ -47,6 +49,10 @@ class SessionEngine(Protocol):
                    next_token_id: int | None = None, deadline: float | None = None
                    ) -> tuple[State, np.ndarray | None]:
         """`state` advanced by `token_ids` (any number), with each token's successor's log-prob if asked."""
+
+    async def check_constraint(self, params: DecodingParams, context_ids: Sequence[int]) -> None:
+        """Compile `params.constraint` for this model off the event loop (InvalidArgument naming
+        "constraint.<kind>" if it does not compile); nothing to do without one."""
 
     def submit(self, request: GenerationRequest) -> RequestStream:
         """Start a generation (from a session's parked state: `initial_state`, its last token as the prompt)."""

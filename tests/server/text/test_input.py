@@ -1,4 +1,4 @@
-"""server/text_input.py: the character cap before tokenizing, and long texts tokenized on a worker thread."""
+"""server/text/input.py: the character cap before tokenizing, and long texts tokenized on a worker thread."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""server/engine/text.py: streamed deltas add up to the decoded text; stop strings never leak."""
+"""server/text/stream.py: streamed deltas add up to the decoded text; stop strings never leak."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""server/engine/token_table.py: the table decodes exactly as the tokenizer does, one token at a time."""
+"""server/text/table.py: the table decodes exactly as the tokenizer does, one token at a time."""
 
 from __future__ import annotations
 
