@@ -294,7 +294,8 @@ def _read_pem(config: ServerConfig, setting: str) -> bytes:
 def _limits(config: ServerConfig) -> RequestLimits:
     return RequestLimits(default_max_new_tokens=config.default_max_new_tokens, max_new_tokens=config.max_new_tokens,
                          default_beam_size=config.default_beam_size, max_beam_size=config.max_beam_size,
-                         max_sources=config.max_sources)
+                         max_sources=config.max_sources, min_priority=config.min_priority,
+                         max_priority=config.max_priority)
 
 
 def _session_limits(config: ServerConfig) -> SessionLimits:
@@ -308,7 +309,10 @@ def _session_limits(config: ServerConfig) -> SessionLimits:
 def _make_registry(config: ServerConfig, metrics: Metrics) -> ModelRegistry:
     engine_config = EngineConfig(max_rows=config.max_rows_per_step, max_queued=config.max_queue,
                                  max_input_tokens=config.max_input_tokens, max_new_tokens=config.max_new_tokens,
-                                 max_beam_size=config.max_beam_size)
+                                 max_beam_size=config.max_beam_size, prefix_cache_bytes=config.prefix_cache_bytes,
+                                 prefix_cache_stride=config.prefix_cache_stride, min_priority=config.min_priority,
+                                 max_priority=config.max_priority,
+                                 priority_aging_seconds=config.priority_aging_seconds)
     return ModelRegistry(config.repository_path, config=engine_config, metrics=metrics, providers=config.providers,
                          session_options=config.session_options, variant=config.variant,
                          drain_seconds=config.drain_grace_seconds)

@@ -62,6 +62,14 @@ class ServerConfig:
     max_beam_size: int = 16  # the widest beam a request may ask for
     default_beam_size: int = 4  # what a beam request that leaves beam_size at 0 gets
     max_sources: int = 64  # source texts in one Translate request
+    # bytes of prompt-prefix states each model version keeps for reuse (token-exact; outputs never change);
+    # 0 = no prefix cache
+    prefix_cache_bytes: int = 128 * 1024 * 1024
+    prefix_cache_stride: int = 64  # a long prompt's state is also kept every this many tokens
+    # --- priorities (higher is sooner; a waiting request may park running ones of a lower priority)
+    min_priority: int = -10  # the lowest priority a request may ask for
+    max_priority: int = 10  # the highest; 0 is the default and must lie in between
+    priority_aging_seconds: float = 5.0  # a waiting request rises one level per this many seconds; 0 = never
     # --- sessions (all models together)
     max_sessions: int = 10_000  # open sessions; at the limit, the least recently used idle one is evicted
     session_ttl_seconds: int = 600  # idle time after which a session expires, when CreateSession asks for none
@@ -107,6 +115,12 @@ class ServerConfig:
         for name in ("max_rows_per_step", "max_queue", "max_input_tokens", "max_new_tokens", "max_beam_size",
                      "max_sources", "max_receive_message_bytes", "max_sessions"):
             _check(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
+        _check(self.prefix_cache_bytes >= 0, "prefix_cache_bytes", self.prefix_cache_bytes, ">= 0 (0 = off)")
+        _check(self.prefix_cache_stride >= 1, "prefix_cache_stride", self.prefix_cache_stride, ">= 1")
+        _check(self.min_priority <= 0, "min_priority", self.min_priority, "<= 0 (0 is the default priority)")
+        _check(self.max_priority >= 0, "max_priority", self.max_priority, ">= 0 (0 is the default priority)")
+        _check(self.priority_aging_seconds >= 0, "priority_aging_seconds", self.priority_aging_seconds,
+               ">= 0 (0 = no aging)")
         _check(1 <= self.default_max_new_tokens <= self.max_new_tokens, "default_max_new_tokens",
                self.default_max_new_tokens, f"in [1, max_new_tokens={self.max_new_tokens}]")
         _check(1 <= self.default_beam_size <= self.max_beam_size, "default_beam_size", self.default_beam_size,

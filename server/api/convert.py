@@ -17,6 +17,7 @@ import numpy as np
 from seqserve.v1 import service_pb2 as pb
 from seqserve.v1.manifest_pb2 import Manifest, ModelKind
 from server.decoding import DecodingParams, FinishReason, Hypothesis
+from server.engine.validation import check_priority
 from server.errors import InvalidArgument
 
 _STRATEGIES = {
@@ -47,6 +48,8 @@ class RequestLimits:
     default_beam_size: int = 4
     max_beam_size: int = 16
     max_sources: int = 64
+    min_priority: int = -10
+    max_priority: int = 10
 
 
 # --- requests ------------------------------------------------------------------------------------------
@@ -98,6 +101,11 @@ def params_from_pb(options: pb.DecodingOptions, limits: RequestLimits, *, single
         return params.validate(limits.max_new_tokens, max_beam_size=limits.max_beam_size)
     except InvalidArgument as error:
         raise _renamed(error, where) from None
+
+
+def priority_from_pb(priority: int, limits: RequestLimits, where: str = "priority") -> int:
+    """A request's priority, in the server's range (INVALID_ARGUMENT naming `where` otherwise)."""
+    return check_priority(where, priority, limits.min_priority, limits.max_priority)
 
 
 def sources_from_pb(sources: Sequence[str], limits: RequestLimits) -> list[str]:

@@ -225,9 +225,10 @@ class InferenceServicer:
                     responses = self._sequence(model, request, parameters, prompt, deadline, streaming)
                 else:
                     params = parameters.decoding_params(self._limits, single_result=True)
+                    priority = parameters.priority(self._limits)
                     prompt_ids = await model.encode_prompt(prompt)
                     stream = model.engine.submit(GenerationRequest(_request_id(request), prompt_ids, params,
-                                                                   deadline=deadline))
+                                                                   deadline=deadline, priority=priority))
                     responses = self._generation(model, request, stream, deadline, streaming, started)
                 async for response in responses:
                     _keep_outputs(response, outputs)
@@ -252,6 +253,7 @@ class InferenceServicer:
         outputs = tensors.requested_outputs(request, _SEQ2SEQ_OUTPUTS)
         sources, shape = tensors.text_input(request, max_items=self._limits.max_sources, one=False)
         params = parameters.decoding_params(self._limits, single_result=False)
+        priority = parameters.priority(self._limits)
         for index, text in enumerate(sources):  # every check first: nothing is tokenized when one is refused
             if not text.strip():
                 raise InvalidArgument(field=f"{tensors.TEXT}[{index}]", value=text, allowed="a non-empty text")
@@ -261,7 +263,7 @@ class InferenceServicer:
         try:
             for index, source_ids in enumerate(encoded):
                 streams.append(model.engine.submit(TranslationRequest(f"{_request_id(request)}/{index}", source_ids,
-                                                                      params, False, deadline)))
+                                                                      params, False, deadline, priority)))
             finishes = await asyncio.gather(*(stream.result() for stream in streams))
         finally:
             for stream in streams:
@@ -332,6 +334,7 @@ class InferenceServicer:
         key = (model.name, sequence.id)
         started = time.perf_counter()
         params = None
+        priority = parameters.priority(self._limits)
         if parameters.options.max_new_tokens > 0:
             params = parameters.decoding_params(self._limits, single_result=True)
         elif "max_new_tokens" in parameters.given and parameters.options.max_new_tokens < 0:
@@ -358,7 +361,8 @@ class InferenceServicer:
         session_id = self._sequences[key]
         try:
             if params is not None:
-                generation = self._sessions.generate(session_id, params, request_id=_request_id(request))
+                generation = self._sessions.generate(session_id, params, request_id=_request_id(request),
+                                                     priority=priority)
                 await generation.ready()
                 async for response in self._generation(model, request, generation, deadline, streaming, started):
                     tensors.set_parameter(response, "sequence_id", str(sequence.id))

@@ -38,6 +38,7 @@ def validate_request(request: GenerationRequest | TranslationRequest, bundle: Lo
         input_tokens = len(request.source_ids)
     else:
         raise TypeError(f"an engine takes GenerationRequest or TranslationRequest, got {type(request).__name__}")
+    check_priority("priority", request.priority, config.min_priority, config.max_priority)
     if not isinstance(request.params, DecodingParams):
         raise TypeError(f"params must be DecodingParams, got {type(request.params).__name__}")
     params = request.params.validate(config.max_new_tokens, max_beam_size=config.max_beam_size)
@@ -60,6 +61,14 @@ def validate_feed(request: FeedRequest, bundle: LoadedBundle, config: EngineConf
         check_ids("next_token_id", [request.next_token_id], vocab, None)
     if request.state is not None:
         check_state("state", request.state, spec.state_shapes)
+
+
+def check_priority(field: str, value, low: int, high: int) -> int:
+    """A request's priority: an integer in [low, high] (higher is sooner; 0 is the default)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
+        raise InvalidArgument(field=field, value=value,
+                              allowed=f"an integer in [{low}, {high}] (higher is sooner, 0 is the default)")
+    return int(value)
 
 
 def check_ids(field: str, ids: Sequence[int], vocab_size: int, max_length: int | None) -> None:

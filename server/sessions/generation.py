@@ -44,13 +44,14 @@ class SessionGeneration(RequestStream):
     """
 
     def __init__(self, manager: SessionHost, session_id: str, turn: Turn, params: DecodingParams,
-                 leave_unchanged: bool, request_id: str, retry_id: str = ""):
+                 leave_unchanged: bool, request_id: str, retry_id: str = "", priority: int = 0):
         loop = asyncio.get_running_loop()
         self._taken = loop.create_future()  # the caller took the FinishEvent (or what ended the stream), or left
         super().__init__(request_id, params, on_cancel=self._stop_engine_request,
                          on_end_taken=lambda: _set(self._taken))
         self.session_id = session_id
         self.retry_id = retry_id  # a client's id: a generation the session already applied is replayed
+        self.priority = priority  # the engine request's
         self.tokens_consumed: int | None = None
         self._ready = loop.create_future()
         self._ready.add_done_callback(_retrieve)  # nobody may ask; its error also reaches the iterator
@@ -88,7 +89,8 @@ class SessionGeneration(RequestStream):
                 def submit(engine: SessionEngine) -> RequestStream:
                     return engine.submit(GenerationRequest(
                         self.request_id, [record.last_token_id], params, initial_state=record.state,
-                        history_ids=record.history.tolist(), return_final_state=not leave_unchanged))
+                        history_ids=record.history.tolist(), return_final_state=not leave_unchanged,
+                        priority=self.priority))
 
                 engine, stream = await manager.on_engine(record, submit)
                 self._engine_stream = stream
