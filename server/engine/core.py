@@ -348,9 +348,10 @@ class EngineCore:
 
     def _stops(self, job: _Fill) -> None:
         """Where `job` starts (the longest cached prefix of what it feeds from the zero state) and where it
-        stops to keep a state: every `stride` tokens, where it leaves the paths already cached, the end, and
-        for a request that chooses its first token, also before its last token (the sessions' form: that
-        token pending, which an identical prompt resumes from)."""
+        stops to keep a state: every `stride` tokens, where it leaves the paths already cached, and the end.
+        A request that chooses its first token also stops before its last token (the sessions' form, that
+        token pending, which an identical prompt resumes from) when its whole prompt is already on a path
+        of the tree (a repeat): a prompt seen for the first time pays no extra call for it."""
         length, cache = len(job.tokens), self.prefix_cache
         if not length:
             return
@@ -361,7 +362,7 @@ class EngineCore:
         hit = cache.lookup(job.key, length - 1 if job.want_last else length)
         if hit.state is not None:
             job.state, job.position = hit.state, hit.depth
-        extra = [length - 1] if job.want_last else []
+        extra = [length - 1] if job.want_last and hit.shared == length else []
         if hit.shared - hit.depth >= cache.min_branch:
             extra.append(hit.shared)
         job.stops = prefill_stops(length, job.position, cache.stride, extra)

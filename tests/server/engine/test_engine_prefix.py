@@ -8,11 +8,10 @@ import dataclasses
 
 import numpy as np
 import pytest
-from prometheus_client import CollectorRegistry
+from counted_engine import run_counted as run
 
 from server.decoding import DecodingParams
-from server.engine import EngineConfig, GenerationRequest, ModelEngine
-from server.metrics import Metrics
+from server.engine import EngineConfig, GenerationRequest
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -30,33 +29,6 @@ def bundle(tmp_path_factory, random_lm_bundle):
 
 def ids(bundle, text: str) -> list[int]:
     return [BOS, *bundle.tokenizer("text").encode(text).ids]
-
-
-class Counted:
-    """An engine of `config` with its own metrics; `value(name)` reads one of tiny's series."""
-
-    def __init__(self, bundle, config):
-        self.registry = CollectorRegistry()
-        self.engine = ModelEngine(bundle, config, Metrics(self.registry))
-
-    def value(self, name: str, **labels) -> float:
-        return self.registry.get_sample_value(name, {"model": self.engine.name, **labels}) or 0.0
-
-    @property
-    def computed(self) -> float:
-        return self.value("seqserve_prefill_tokens_total")
-
-
-def run(bundle, config, body):
-    async def go():
-        counted = Counted(bundle, config)
-        await counted.engine.start()
-        try:
-            return await body(counted), counted
-        finally:
-            await counted.engine.stop(1.0)
-
-    return asyncio.run(go())
 
 
 def requests(bundle) -> list[GenerationRequest]:
@@ -166,19 +138,21 @@ def test_a_shared_preamble_is_computed_once_and_then_only_the_tails(bundle):
 
 
 def test_a_session_prefix_is_fed_through_the_cache(bundle):
-    """CreateSession feeds its prefix from the zero state (None): a Generate of that text primed the cache,
-    and the state it gets is the one feeding gives without the cache."""
+    """CreateSession feeds its prefix from the zero state (None): Generates of that text primed the cache (the
+    first keeps the state after it, the repeat the state before its last token), and the state the session
+    gets is the one feeding gives without the cache."""
     history = ids(bundle, PREAMBLE + "red")
 
     async def body(counted):
         engine = counted.engine
-        await engine.submit(GenerationRequest("g", history, DecodingParams(max_new_tokens=2))).result()
+        for _ in range(2):
+            await engine.submit(GenerationRequest("g", history, DecodingParams(max_new_tokens=2))).result()
         before = counted.computed
         state, _ = await engine.feed(None, history[:-1], next_token_id=history[-1])
         return state, counted.computed - before
 
     (cached_state, computed), _ = run(bundle, ON, body)
-    assert computed == 0  # the Generate kept the state before its last token: the session's form
+    assert computed == 0  # the repeat kept the state before its last token: the session's form
 
     async def plain(counted):
         state, _ = await counted.engine.feed(None, history[:-1])
@@ -225,3 +199,27 @@ def test_stopping_the_engine_drops_its_states(bundle):
     (held, bytes_), counted = run(bundle, ON, body)
     assert held == bytes_ > 0
     assert counted.value("seqserve_prefix_cache_bytes") == 0 and counted.engine.prefix_cache.states == 0
+
+
+def test_a_new_prompt_costs_no_extra_call_and_a_repeat_keeps_the_sessions_form(bundle):
+    """A short prompt seen for the first time is one prefill call, as without the cache (its state after it
+    is kept); the first repeat stops before its last token to keep that state too; the next feeds one."""
+    prompt = ids(bundle, "the cat sat")
+
+    async def body(counted):
+        engine = counted.engine
+        calls = []
+        prefill = engine.runner.prefill
+
+        def counting(sequences, *args, **kwargs):
+            calls.append([len(sequence) for sequence in sequences])
+            return prefill(sequences, *args, **kwargs)
+
+        engine.runner.prefill = counting
+        for round_ in range(3):
+            await engine.submit(GenerationRequest(f"p{round_}", prompt, DecodingParams(max_new_tokens=1))).result()
+        return calls
+
+    calls, _ = run(bundle, EngineConfig(), body)
+    n = len(prompt)
+    assert calls == [[n], [n - 1], [1], [1]]

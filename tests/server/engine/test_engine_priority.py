@@ -4,19 +4,16 @@ translations), nothing prefilled twice; a parked request cancelled keeps what it
 
 from __future__ import annotations
 
-import asyncio
-
 import numpy as np
 import pytest
-from prometheus_client import CollectorRegistry
+from counted_engine import run_counted as run
 
 from exporters.bundle import ExportOptions, export_run
 from exporters.parity import ParitySettings
 from server.bundle import load_bundle
 from server.decoding import DecodingParams, FinishReason
-from server.engine import EngineConfig, FinishEvent, GenerationRequest, ModelEngine, TranslationRequest
+from server.engine import EngineConfig, FinishEvent, GenerationRequest, TranslationRequest
 from server.errors import InvalidArgument
-from server.metrics import Metrics
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -40,27 +37,6 @@ LOWS = (endless(), endless(strategy="sample", seed=11, temperature=0.9, return_l
 def lm(request, tmp_path_factory, random_lm_bundle):
     """Untrained LMs: their tokens are close to random, so byte-level BPE splits characters over tokens."""
     return random_lm_bundle(tmp_path_factory.mktemp("engine-priority"), request.param)
-
-
-class Counted:
-    def __init__(self, bundle, config):
-        self.registry = CollectorRegistry()
-        self.engine = ModelEngine(bundle, config, Metrics(self.registry))
-
-    def value(self, name: str, **labels) -> float:
-        return self.registry.get_sample_value(name, {"model": self.engine.name, **labels}) or 0.0
-
-
-def run(bundle, config, body):
-    async def go():
-        counted = Counted(bundle, config)
-        await counted.engine.start()
-        try:
-            return await body(counted), counted
-        finally:
-            await counted.engine.stop(1.0)
-
-    return asyncio.run(go())
 
 
 class Reader:
