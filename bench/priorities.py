@@ -2,11 +2,13 @@
 running low-priority streams at once, and the streams they park lose nothing.
 
 The model is the repository's `fortunes-lm` (a character LSTM, 2 x 512), served with
-`max_rows_per_step=64` and the prefix cache off (so every prompt token is computed once and the prefill
+`max_rows_per_step=64` (`--rows`) and the prefix cache off (so every prompt token is computed once and the prefill
 counter is exact). `--lows` (256) greedy streams of priority 0, each `--low-tokens` long (400: they outlive
 the high-priority traffic by far), fill the 64 rows and the queue; once the running ones stream, `--highs`
 (20) greedy Generates of priority 10 (32 tokens each) arrive, one every `--high-gap-ms` (50 ms). The same
 low streams run alone on a second server (`priority_aging_seconds = 0`, so nothing is ever parked there).
+A third server is the TTFT reference: the same 20 requests at priority 0 join 44 low streams, with rows
+free for them, so nothing is parked: what joining a running batch costs without any preemption.
 
 Checks: the high-priority requests' TTFT p50 <= 3 decode steps, a decode step being the median interval
 between consecutive tokens of the low streams while the high-priority requests run (the whole step as a
@@ -14,7 +16,7 @@ stream sees it); every low stream's final text equals its text alone; the prefil
 (`seqserve_prefill_tokens_total`) equals the prompt tokens (`seqserve_prompt_tokens_total`): nothing was
 computed twice, whatever was parked (`seqserve_preemptions_total`).
 
-    python -m bench.priorities [--lows 256] [--low-tokens 400] [--highs 20] [--json FILE]
+    python -m bench.priorities [--rows 64] [--lows 256] [--low-tokens 400] [--highs 20] [--json FILE]
 """
 
 from __future__ import annotations
@@ -38,7 +40,6 @@ from seqserve.v1 import service_pb2 as pb
 from seqserve.v1 import service_pb2_grpc as pb_grpc
 
 MODEL = "fortunes-lm"
-ROWS = 64
 HIGH_PRIORITY = 10
 HIGH_TOKENS = 32
 COUNTERS = ("seqserve_prompt_tokens_total", "seqserve_prefill_tokens_total", "seqserve_preemptions_total",
@@ -69,10 +70,12 @@ async def stream(stub, prompt: str, tokens: int, priority: int, record: Stream) 
             record.done = True
 
 
-async def run(args, lows: list[str], highs: list[str], contended: bool, log) -> dict:
-    env = {"SEQSERVE_MAX_ROWS_PER_STEP": str(ROWS), "SEQSERVE_PREFIX_CACHE_BYTES": "0",
-           "SEQSERVE_MAX_QUEUE": str(args.lows + args.highs + 16)}
-    if not contended:
+async def run(args, lows: list[str], highs: list[str], log, *, high_priority: int = HIGH_PRIORITY) -> dict:
+    """The low streams, and the high ones (if any) once the running low streams are under way."""
+    env = {"SEQSERVE_MAX_ROWS_PER_STEP": str(args.rows), "SEQSERVE_PREFIX_CACHE_BYTES": "0",
+           "SEQSERVE_MAX_QUEUE": str(args.lows + args.highs + 16),
+           "SEQSERVE_MAX_BEAM_SIZE": str(min(16, args.rows)), "SEQSERVE_DEFAULT_BEAM_SIZE": str(min(4, args.rows))}
+    if not highs:
         env["SEQSERVE_PRIORITY_AGING_SECONDS"] = "0"
     with tempfile.TemporaryDirectory() as logs:
         server = start_seqserve(REPO_ROOT / "models", Path(logs), env=env)
@@ -86,20 +89,20 @@ async def run(args, lows: list[str], highs: list[str], contended: bool, log) -> 
             tasks = [asyncio.create_task(stream(stubs[i % 4], prompt, args.low_tokens, 0, record))
                      for i, (prompt, record) in enumerate(zip(lows, low_records, strict=True))]
             high_records, window = [], (0.0, 0.0)
-            if contended:
-                # Until the rows are full and streaming: ROWS low streams have 20 tokens each.
-                while sum(1 for r in low_records if sum(n for _, n in r.chunks) >= 20) < ROWS:
+            if highs:
+                # Until the rows are taken and streaming: the running low streams have 20 tokens each.
+                while sum(1 for r in low_records if sum(n for _, n in r.chunks) >= 20) < min(args.rows, len(lows)):
                     await asyncio.sleep(0.01)
                 high_records = [Stream() for _ in highs]
                 high_tasks = []
                 first = time.perf_counter()
                 for i, (prompt, record) in enumerate(zip(highs, high_records, strict=True)):
-                    high_tasks.append(asyncio.create_task(stream(stubs[i % 4], prompt, HIGH_TOKENS, HIGH_PRIORITY,
+                    high_tasks.append(asyncio.create_task(stream(stubs[i % 4], prompt, HIGH_TOKENS, high_priority,
                                                                  record)))
                     await asyncio.sleep(args.high_gap_ms / 1000)
                 await asyncio.gather(*high_tasks)
                 window = (first, time.perf_counter())
-                log(f"  {len(highs)} high-priority requests done in {window[1] - window[0]:.2f} s")
+                log(f"  the {len(highs)} requests of priority {high_priority} done in {window[1] - window[0]:.2f} s")
             await asyncio.gather(*tasks)
             seconds = time.perf_counter() - started
             after = counters(server.metrics_port, COUNTERS)
@@ -118,6 +121,7 @@ async def run(args, lows: list[str], highs: list[str], contended: bool, log) -> 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=64, help="max_rows_per_step (default 64)")
     parser.add_argument("--lows", type=int, default=256)
     parser.add_argument("--low-tokens", type=int, default=400)
     parser.add_argument("--highs", type=int, default=20)
@@ -133,12 +137,15 @@ def main(argv: list[str] | None = None) -> int:
     lows = [text[:40] for text in rng.sample(texts, args.lows)]
     highs = [text[:40] for text in rng.sample(texts, args.highs)]
     log("contended: low streams, then high-priority requests")
-    contended = asyncio.run(run(args, lows, highs, True, log))
+    contended = asyncio.run(run(args, lows, highs, log))
     log("alone: the same low streams, no high-priority traffic")
-    alone = asyncio.run(run(args, lows, highs, False, log))
+    alone = asyncio.run(run(args, lows, [], log))
+    log(f"reference: the same requests at priority 0 join {args.rows - len(highs)} low streams, rows free for them")
+    reference = asyncio.run(run(args, lows[: args.rows - len(highs)], highs, log, high_priority=0))
 
     step = statistics.median(contended["gaps"])
     ttft = sorted(r.ttft for r in contended["highs"])
+    joined = [r.ttft for r in reference["highs"]]
     c = contended["counters"]
     steps = max(c["seqserve_decode_step_duration_seconds_count"], 1)
     server_step = c["seqserve_decode_step_duration_seconds_sum"] / steps
@@ -147,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         "high_ttft_p50_ms": 1000 * statistics.median(ttft), "high_ttft_max_ms": 1000 * ttft[-1],
         "decode_step_ms": 1000 * step, "server_decode_call_ms": 1000 * server_step,
         "high_ttft_p50_steps": statistics.median(ttft) / step,
+        "free_row_ttft_p50_ms": 1000 * statistics.median(joined),
+        "free_row_ttft_p50_steps": statistics.median(joined) / statistics.median(reference["gaps"]),
+        "reference_preemptions": int(reference["counters"]["seqserve_preemptions_total"]),
         "preemptions": int(c["seqserve_preemptions_total"]),
         "preemptions_alone": int(alone["counters"]["seqserve_preemptions_total"]),
         "prompt_tokens": int(c["seqserve_prompt_tokens_total"]),
