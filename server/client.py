@@ -139,6 +139,8 @@ def _add_decoding_flags(command: argparse.ArgumentParser) -> None:
     group.add_argument("--no-repeat-ngram-size", type=int)
     group.add_argument("--log-probs", action="store_true", help="return each token's log-probability")
     group.add_argument("--top-log-probs", type=int, help="return this many alternatives per token")
+    command.add_argument("--priority", type=int, default=0,
+                         help="scheduling priority: higher runs sooner and may park lower ones (default 0)")
 
 
 def decoding_options(args: argparse.Namespace) -> pb.DecodingOptions:
@@ -287,11 +289,13 @@ def run_translate(client: Client, args, as_json: bool) -> None:
     if args.stream:
         for text in args.text:
             request = pb.TranslateStreamRequest(model=model, version=args.version, source=text, options=options,
-                                                return_attention=args.attention, request_id=client.request_id)
+                                                return_attention=args.attention, request_id=client.request_id,
+                                                priority=args.priority)
             _stream(client.call("TranslateStream", request), as_json)
         return
     request = pb.TranslateRequest(model=model, version=args.version, sources=args.text, options=options,
-                                  return_attention=args.attention, request_id=client.request_id)
+                                  return_attention=args.attention, request_id=client.request_id,
+                                  priority=args.priority)
     response = client.call("Translate", request)
     if as_json:
         _print_json(response)
@@ -311,7 +315,7 @@ def run_generate(client: Client, args, as_json: bool) -> None:
     options = decoding_options(args)
     model = client.resolve_model(args.model, ModelKind.MODEL_KIND_LM)
     request = pb.GenerateRequest(model=model, version=args.version, prompt=prompt, options=options,
-                                 request_id=client.request_id)
+                                 request_id=client.request_id, priority=args.priority)
     _stream(client.call("Generate", request), as_json)
 
 
@@ -332,7 +336,8 @@ def run_session(client: Client, args, as_json: bool) -> None:
     elif action == "generate":
         request = pb.GenerateInSessionRequest(session_id=args.session_id, options=decoding_options(args),
                                               leave_session_unchanged=args.leave_unchanged,
-                                              request_id=client.request_id or uuid.uuid4().hex)
+                                              request_id=client.request_id or uuid.uuid4().hex,
+                                              priority=args.priority)
         _stream(client.call("GenerateInSession", request), as_json)
         return
     elif action == "export":
