@@ -86,7 +86,7 @@ class Plan:
     park: list[Entry] = field(default_factory=list)  # active: set their rows aside (a higher priority waits)
     resume: list[Entry] = field(default_factory=list)  # parked: their rows join the batch again
     drop: list[Entry] = field(default_factory=list)  # active or parked, cancelled: free their rows
-    expired: list[Entry] = field(default_factory=list)  # queued or active, past their deadline
+    expired: list[Entry] = field(default_factory=list)  # queued, active or parked, past their deadline
     withdrawn: list[Entry] = field(default_factory=list)  # queued, cancelled before they ran
 
     def dropped_slots(self) -> list[int]:
