@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry  # noqa: E402
 from bench import models  # noqa: E402
 from server.bundle import load_bundle  # noqa: E402
 from server.decoding import Constraint, DecodingParams  # noqa: E402
+from server.decoding.limits import RequestLimits
 from server.decoding.matching import ConstraintSettings  # noqa: E402
 from server.engine import EngineConfig, GenerationRequest, ModelEngine  # noqa: E402
 from server.metrics import Metrics  # noqa: E402
@@ -38,8 +39,8 @@ PATTERN = r"w[1-3][0-9]*( w[1-3][0-9]*)*"
 
 async def engine_run(bundle, streams: int, tokens: int, constrained: bool, mask_threads: int = 0) -> dict:
     registry = CollectorRegistry()
-    config = EngineConfig(max_rows=streams, max_new_tokens=tokens,
-                          constraints=ConstraintSettings(mask_threads=mask_threads))
+    config = EngineConfig(max_rows=streams, limits=RequestLimits(
+        max_new_tokens=tokens, constraints=ConstraintSettings(mask_threads=mask_threads)))
     engine = ModelEngine(bundle, config, Metrics(registry))
     await engine.start()
     try:

@@ -323,7 +323,10 @@ def _session_limits(config: ServerConfig) -> SessionLimits:
 def make_registry(config: ServerConfig, metrics: Metrics) -> ModelRegistry:
     """The model registry a server's config describes (not started)."""
     engine_config = EngineConfig(max_rows=config.max_rows_per_step, max_queued=config.max_queue,
-                                 limits=config.request_limits(), constraints=config.constraint_settings())
+                                 limits=config.request_limits(),
+                                 prefix_cache_bytes=config.prefix_cache_bytes,
+                                 prefix_cache_stride=config.prefix_cache_stride,
+                                 priority_aging_seconds=config.priority_aging_seconds)
     return ModelRegistry(config.repository_path, config=engine_config, metrics=metrics, providers=config.providers,
                          session_options=config.session_options, variant=config.variant,
                          drain_seconds=config.drain_grace_seconds)

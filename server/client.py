@@ -154,6 +154,8 @@ def _add_decoding_flags(command: argparse.ArgumentParser) -> None:
     constraint.add_argument("--choice", action="append", help="the output text is one of these (repeatable)")
     constraint.add_argument("--json-schema", metavar="FILE", help="the output is JSON valid for this schema file")
     constraint.add_argument("--grammar", metavar="FILE", help="the output follows this Lark grammar file")
+    command.add_argument("--priority", type=int, default=0,
+                         help="scheduling priority: higher runs sooner and may park lower ones (default 0)")
 
 
 def decoding_options(args: argparse.Namespace) -> pb.DecodingOptions:
@@ -347,11 +349,13 @@ def run_translate(client: Client, args, as_json: bool) -> None:
     if args.stream:
         for text in args.text:
             request = pb.TranslateStreamRequest(model=model, version=args.version, source=text, options=options,
-                                                return_attention=args.attention, request_id=client.request_id)
+                                                return_attention=args.attention, request_id=client.request_id,
+                                                priority=args.priority)
             _stream(client.call("TranslateStream", request), as_json)
         return
     request = pb.TranslateRequest(model=model, version=args.version, sources=args.text, options=options,
-                                  return_attention=args.attention, request_id=client.request_id)
+                                  return_attention=args.attention, request_id=client.request_id,
+                                  priority=args.priority)
     response = client.call("Translate", request)
     if as_json:
         _print_json(response)
@@ -371,7 +375,7 @@ def run_generate(client: Client, args, as_json: bool) -> None:
     options = decoding_options(args)
     model = client.resolve_model(args.model, ModelKind.MODEL_KIND_LM)
     request = pb.GenerateRequest(model=model, version=args.version, prompt=prompt, options=options,
-                                 request_id=client.request_id)
+                                 request_id=client.request_id, priority=args.priority)
     _stream(client.call("Generate", request), as_json)
 
 
@@ -392,7 +396,8 @@ def run_session(client: Client, args, as_json: bool) -> None:
     elif action == "generate":
         request = pb.GenerateInSessionRequest(session_id=args.session_id, options=decoding_options(args),
                                               leave_session_unchanged=args.leave_unchanged,
-                                              request_id=client.request_id or uuid.uuid4().hex)
+                                              request_id=client.request_id or uuid.uuid4().hex,
+                                              priority=args.priority)
         _stream(client.stream_retried("GenerateInSession", request), as_json)
         return
     elif action == "export":

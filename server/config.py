@@ -70,6 +70,14 @@ class ServerConfig:
     constraint_compile_seconds: float = 2.0  # longer to compile: INVALID_ARGUMENT (compiles run off the event loop)
     constraint_cache_entries: int = 256  # compiled constraints kept per model vocabulary and process (LRU)
     constraint_mask_ms: float = 5.0  # a constraint whose next tokens take longer to work out is refused
+    # bytes of prompt-prefix states each model version keeps for reuse (token-exact; outputs never change);
+    # 0 = no prefix cache
+    prefix_cache_bytes: int = 128 * 1024 * 1024
+    prefix_cache_stride: int = 64  # a long prompt's state is also kept every this many tokens
+    # --- priorities (higher is sooner; a waiting request may park running ones of a lower priority)
+    min_priority: int = -10  # the lowest priority a request may ask for
+    max_priority: int = 10  # the highest; 0 is the default and must lie in between
+    priority_aging_seconds: float = 5.0  # a waiting request rises one level per this many seconds; 0 = never
     # --- sessions (all models together)
     max_sessions: int = 10_000  # open sessions; at the limit, the least recently used idle one is evicted
     session_ttl_seconds: int = 600  # idle time after which a session expires, when CreateSession asks for none
@@ -124,6 +132,12 @@ class ServerConfig:
                      "max_sources", "max_receive_message_bytes", "max_sessions", "constraint_max_chars",
                      "constraint_cache_entries"):
             _check(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
+        _check(self.prefix_cache_bytes >= 0, "prefix_cache_bytes", self.prefix_cache_bytes, ">= 0 (0 = off)")
+        _check(self.prefix_cache_stride >= 1, "prefix_cache_stride", self.prefix_cache_stride, ">= 1")
+        _check(self.min_priority <= 0, "min_priority", self.min_priority, "<= 0 (0 is the default priority)")
+        _check(self.max_priority >= 0, "max_priority", self.max_priority, ">= 0 (0 is the default priority)")
+        _check(self.priority_aging_seconds >= 0, "priority_aging_seconds", self.priority_aging_seconds,
+               ">= 0 (0 = no aging)")
         _check(1 <= self.default_max_new_tokens <= self.max_new_tokens, "default_max_new_tokens",
                self.default_max_new_tokens, f"in [1, max_new_tokens={self.max_new_tokens}]")
         _check(1 <= self.default_beam_size <= self.max_beam_size, "default_beam_size", self.default_beam_size,
@@ -172,7 +186,8 @@ class ServerConfig:
         return RequestLimits(max_new_tokens=self.max_new_tokens, default_max_new_tokens=self.default_max_new_tokens,
                              max_beam_size=self.max_beam_size, default_beam_size=self.default_beam_size,
                              max_sources=self.max_sources, max_input_tokens=self.max_input_tokens,
-                             constraints=self.constraint_settings())
+                             constraints=self.constraint_settings(), min_priority=self.min_priority,
+                             max_priority=self.max_priority)
 
     def constraint_settings(self) -> ConstraintSettings:
         """What compiling and following a constraint may cost (every process compiles through its own cache)."""

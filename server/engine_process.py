@@ -215,19 +215,20 @@ class EngineProcess:
             generation.cancel()
 
     def _session_generate(self, peer: _Peer, payload) -> None:
-        key, session_id, params, leave_unchanged, request_id, retry_id = payload
+        key, session_id, params, leave_unchanged, request_id, retry_id, priority = payload
         self._spawn(self._run_session_generation(peer, key, session_id, params, leave_unchanged, request_id,
-                                                 retry_id), f"session generation {request_id}")
+                                                 retry_id, priority), f"session generation {request_id}")
 
     async def _run_session_generation(self, peer: _Peer, key: int, session_id: str, params, leave_unchanged: bool,
-                                      request_id: str, retry_id: str) -> None:
+                                      request_id: str, retry_id: str, priority: int) -> None:
         """A session generation for an API process: its events go there; the session's next operation waits
         until that process's caller took the finish (TAKEN), as it waits for a caller in this process."""
         generation, finished = None, False
         try:
             await self.sessions.ensure(session_id)
             generation = self.sessions.generate(session_id, params, leave_unchanged=leave_unchanged,
-                                                request_id=request_id, retry_id=retry_id, end_taken_by_owner=True)
+                                                request_id=request_id, retry_id=retry_id, priority=priority,
+                                                end_taken_by_owner=True)
             peer.generations[key] = generation
             engine = await generation.ready()
             peer.post(key, ipc.GenerationReady(engine.name, engine.version))

@@ -10,7 +10,7 @@ API process -> engine process (a DEALER socket, identity `api-N`):
                                   whatever an earlier process of that index left running
   CALL (call_id, method, args, kwargs)   a request-reply operation (sessions, a pinned version's load, ...)
   SUBMIT (key, model, version, request)     a generation or translation whose outputs come back as OUT
-  SESSION_GENERATE (key, session_id, params, leave_unchanged, request_id, retry_id)
+  SESSION_GENERATE (key, session_id, params, leave_unchanged, request_id, retry_id, priority)
   CANCEL (key)                    the client left: drop the request's rows at the next step
   TAKEN (key)                     a session generation's caller took its finish (its session goes on)
   BEAT ()                         alive (an API process silent for long has its requests cancelled)

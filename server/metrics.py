@@ -58,8 +58,8 @@ class Metrics:
             ["model"], buckets=TOKEN_LATENCY_BUCKETS, registry=r)
         # engine
         self.queue_wait_seconds = Histogram(
-            name("queue_wait_seconds"), "Time a request waited for rows before its prefill.",
-            ["model"], buckets=QUEUE_WAIT_BUCKETS, registry=r)
+            name("queue_wait_seconds"), "Time a request waited for rows before its prefill, by its priority.",
+            ["model", "priority"], buckets=QUEUE_WAIT_BUCKETS, registry=r)
         self.queue_depth = Gauge(name("queue_depth"), "Requests waiting for rows.", ["model"], registry=r,
                                  multiprocess_mode="livesum")
         self.batch_size = Histogram(name("batch_size"), "Rows advanced by one decode step.", ["model"],
@@ -70,6 +70,10 @@ class Metrics:
         self.prompt_tokens_total = Counter(name("prompt_tokens_total"),
                                            "Prompt, source and fed tokens prefilled or encoded.", ["model"],
                                            registry=r)
+        self.prefill_tokens_total = Counter(
+            name("prefill_tokens_total"),
+            "Prompt, source and fed tokens the prefill or encoder computed (prefix cache hits not included).",
+            ["model"], registry=r)
         self.generated_tokens_total = Counter(name("generated_tokens_total"),
                                               "Tokens generated and returned (<eos> excluded).", ["model"],
                                               registry=r)
@@ -79,6 +83,23 @@ class Metrics:
             ["model", "reason"], registry=r)
         self.active_rows = Gauge(name("active_rows"), "Batch rows in use (a beam request uses beam_size).",
                                  ["model"], registry=r, multiprocess_mode="livesum")
+        self.preemptions_total = Counter(
+            name("preemptions_total"), "Running requests parked so that a higher-priority request could run.",
+            ["model"], registry=r)
+        self.parked_rows = Gauge(name("parked_rows"), "Batch rows parked by preemption, waiting to resume.",
+                                 ["model"], registry=r, multiprocess_mode="livesum")
+        # prefix cache (server.engine.prefix_cache), per model; versions of one model add up
+        self.prefix_cache_hit_tokens_total = Counter(
+            name("prefix_cache_hit_tokens_total"), "Prompt tokens not computed because the prefix cache held "
+            "the state after them.", ["model"], registry=r)
+        self.prefix_cache_lookups_total = Counter(
+            name("prefix_cache_lookups_total"), "Prefix cache lookups, by result (hit, miss).",
+            ["model", "result"], registry=r)
+        self.prefix_cache_bytes = Gauge(name("prefix_cache_bytes"), "Bytes the prefix cache holds.", ["model"],
+                                        registry=r, multiprocess_mode="livesum")
+        self.prefix_cache_evictions_total = Counter(
+            name("prefix_cache_evictions_total"), "States the prefix cache dropped to stay within its bytes.",
+            ["model"], registry=r)
         self.model_info = Gauge(name("model_info"),
                                 "1 for every loaded model version, with the execution provider it obtained.",
                                 ["model", "version", "cell", "provider"], registry=r, multiprocess_mode="livesum")
@@ -121,13 +142,21 @@ class ModelMetrics:
     def __init__(self, metrics: Metrics, model: str):
         self.metrics = metrics
         self.model = model
-        self.queue_wait_seconds = metrics.queue_wait_seconds.labels(model=model)
+        self._queue_wait: dict[int, object] = {}
         self.queue_depth = metrics.queue_depth.labels(model=model)
         self.batch_size = metrics.batch_size.labels(model=model)
         self.decode_step_duration_seconds = metrics.decode_step_duration_seconds.labels(model=model)
         self.prompt_tokens_total = metrics.prompt_tokens_total.labels(model=model)
         self.generated_tokens_total = metrics.generated_tokens_total.labels(model=model)
+        self.prefill_tokens_total = metrics.prefill_tokens_total.labels(model=model)
         self.active_rows = metrics.active_rows.labels(model=model)
+        self.preemptions_total = metrics.preemptions_total.labels(model=model)
+        self.parked_rows = metrics.parked_rows.labels(model=model)
+        self.prefix_cache_hit_tokens_total = metrics.prefix_cache_hit_tokens_total.labels(model=model)
+        self.prefix_cache_hits = metrics.prefix_cache_lookups_total.labels(model=model, result="hit")
+        self.prefix_cache_misses = metrics.prefix_cache_lookups_total.labels(model=model, result="miss")
+        self.prefix_cache_bytes = metrics.prefix_cache_bytes.labels(model=model)
+        self.prefix_cache_evictions_total = metrics.prefix_cache_evictions_total.labels(model=model)
         self.model_load_duration_seconds = metrics.model_load_duration_seconds.labels(model=model)
         self._finished: dict[str, object] = {}
         self.constraint_mask_seconds = metrics.constraint_mask_seconds.labels(model=model)
@@ -139,8 +168,17 @@ class ModelMetrics:
         metrics.inter_token_latency_seconds.labels(model=model)
         metrics.sessions_active.labels(model=model)
         metrics.session_state_bytes.labels(model=model)
+        self.queue_wait(0)
         for reason in SESSION_EVICTION_REASONS:
             metrics.sessions_evicted_total.labels(model=model, reason=reason)
+
+    def queue_wait(self, priority: int):
+        """The queue wait histogram of requests of `priority`."""
+        child = self._queue_wait.get(priority)
+        if child is None:
+            child = self._queue_wait[priority] = self.metrics.queue_wait_seconds.labels(model=self.model,
+                                                                                        priority=str(priority))
+        return child
 
     def finished(self, reason: str) -> None:
         child = self._finished.get(reason)

@@ -150,20 +150,22 @@ class TokenChunk(_message.Message):
     def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., tokens: _Optional[_Iterable[str]] = ..., log_probs: _Optional[_Iterable[float]] = ..., top_log_probs: _Optional[_Iterable[_Union[TopLogProbs, _Mapping]]] = ..., first_token_index: _Optional[int] = ...) -> None: ...
 
 class TranslateRequest(_message.Message):
-    __slots__ = ("model", "version", "sources", "options", "return_attention", "request_id")
+    __slots__ = ("model", "version", "sources", "options", "return_attention", "request_id", "priority")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SOURCES_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     RETURN_ATTENTION_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     sources: _containers.RepeatedScalarFieldContainer[str]
     options: DecodingOptions
     return_attention: bool
     request_id: str
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., sources: _Optional[_Iterable[str]] = ..., options: _Optional[_Union[DecodingOptions, _Mapping]] = ..., return_attention: bool = ..., request_id: _Optional[str] = ...) -> None: ...
+    priority: int
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., sources: _Optional[_Iterable[str]] = ..., options: _Optional[_Union[DecodingOptions, _Mapping]] = ..., return_attention: bool = ..., request_id: _Optional[str] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class Translation(_message.Message):
     __slots__ = ("hypotheses", "source_tokens", "source_token_ids")
@@ -186,20 +188,22 @@ class TranslateResponse(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., translations: _Optional[_Iterable[_Union[Translation, _Mapping]]] = ...) -> None: ...
 
 class TranslateStreamRequest(_message.Message):
-    __slots__ = ("model", "version", "source", "options", "return_attention", "request_id")
+    __slots__ = ("model", "version", "source", "options", "return_attention", "request_id", "priority")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     RETURN_ATTENTION_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     source: str
     options: DecodingOptions
     return_attention: bool
     request_id: str
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., source: _Optional[str] = ..., options: _Optional[_Union[DecodingOptions, _Mapping]] = ..., return_attention: bool = ..., request_id: _Optional[str] = ...) -> None: ...
+    priority: int
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., source: _Optional[str] = ..., options: _Optional[_Union[DecodingOptions, _Mapping]] = ..., return_attention: bool = ..., request_id: _Optional[str] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class TranslateStreamResponse(_message.Message):
     __slots__ = ("chunk", "done")
@@ -222,18 +226,20 @@ class TranslateStreamDone(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., translation: _Optional[_Union[Translation, _Mapping]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "version", "prompt", "options", "request_id")
+    __slots__ = ("model", "version", "prompt", "options", "request_id", "priority")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     prompt: str
     options: DecodingOptions
     request_id: str
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., prompt: _Optional[str] = ..., options: _Optional[_Union[DecodingOptions, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    priority: int
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., prompt: _Optional[str] = ..., options: _Optional[_Union[DecodingOptions, _Mapping]] = ..., request_id: _Optional[str] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("chunk", "done")
@@ -330,16 +336,18 @@ class FeedResponse(_message.Message):
     def __init__(self, tokens_fed: _Optional[int] = ..., tokens_consumed: _Optional[int] = ..., token_log_probs: _Optional[_Iterable[_Union[TokenLogProb, _Mapping]]] = ...) -> None: ...
 
 class GenerateInSessionRequest(_message.Message):
-    __slots__ = ("session_id", "options", "leave_session_unchanged", "request_id")
+    __slots__ = ("session_id", "options", "leave_session_unchanged", "request_id", "priority")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     LEAVE_SESSION_UNCHANGED_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     options: DecodingOptions
     leave_session_unchanged: bool
     request_id: str
-    def __init__(self, session_id: _Optional[str] = ..., options: _Optional[_Union[DecodingOptions, _Mapping]] = ..., leave_session_unchanged: bool = ..., request_id: _Optional[str] = ...) -> None: ...
+    priority: int
+    def __init__(self, session_id: _Optional[str] = ..., options: _Optional[_Union[DecodingOptions, _Mapping]] = ..., leave_session_unchanged: bool = ..., request_id: _Optional[str] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class ForkSessionRequest(_message.Message):
     __slots__ = ("session_id", "ttl_seconds")

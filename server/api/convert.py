@@ -18,6 +18,7 @@ from seqserve.v1 import service_pb2 as pb
 from seqserve.v1.manifest_pb2 import Manifest, ModelKind
 from server.decoding import Constraint, DecodingParams, FinishReason, Hypothesis
 from server.decoding.limits import RequestLimits
+from server.engine.validation import check_priority
 from server.errors import InvalidArgument
 
 _STRATEGIES = {
@@ -101,6 +102,11 @@ def constraint_from_pb(message: pb.Constraint, where: str = "options") -> Constr
     if kind == "choice":
         return Constraint.choice(message.choice.values)
     return Constraint(kind, getattr(message, kind))
+
+
+def priority_from_pb(priority: int, limits: RequestLimits, where: str = "priority") -> int:
+    """A request's priority, in the server's range (INVALID_ARGUMENT naming `where` otherwise)."""
+    return check_priority(where, priority, limits.min_priority, limits.max_priority)
 
 
 def sources_from_pb(sources: Sequence[str], limits: RequestLimits) -> list[str]:

@@ -395,12 +395,12 @@ class RemoteSessions:
         return await self.link.call("import_", data, ttl_seconds)
 
     def generate(self, session_id: str, params: DecodingParams, *, leave_unchanged: bool = False,
-                 request_id: str = "", retry_id: str = "") -> RemoteGeneration:
+                 request_id: str = "", retry_id: str = "", priority: int = 0) -> RemoteGeneration:
         generation = RemoteGeneration(self.link, self.registry, request_id, params)
         self.link.streams.add(generation.key, generation)
         try:
             self.link.send(ipc.SESSION_GENERATE, (generation.key, session_id, params, leave_unchanged, request_id,
-                                                  retry_id))
+                                                  retry_id, priority))
         except BaseException as error:
             self.link.streams.discard(generation.key)
             generation.fail(error)

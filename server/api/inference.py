@@ -229,10 +229,11 @@ class InferenceServicer:
                     responses = self._sequence(model, request, parameters, prompt, deadline, streaming)
                 else:
                     params = parameters.decoding_params(self._limits, single_result=True)
+                    priority = parameters.priority(self._limits)
                     prompt_ids = await model.encode_prompt(prompt)
                     await check_constraint(model, params, self._limits, where="parameters", context_ids=prompt_ids)
                     stream = model.engine.submit(GenerationRequest(_request_id(request), prompt_ids, params,
-                                                                   deadline=deadline))
+                                                                   deadline=deadline, priority=priority))
                     responses = self._generation(model, request, stream, deadline, streaming, started)
                 async for response in responses:
                     _keep_outputs(response, outputs)
@@ -258,6 +259,7 @@ class InferenceServicer:
         sources, shape = tensors.text_input(request, max_items=self._limits.max_sources, one=False)
         params = parameters.decoding_params(self._limits, single_result=False)
         await check_constraint(model, params, self._limits, where="parameters")
+        priority = parameters.priority(self._limits)
         for index, text in enumerate(sources):  # every check first: nothing is tokenized when one is refused
             if not text.strip():
                 raise InvalidArgument(field=f"{tensors.TEXT}[{index}]", value=text, allowed="a non-empty text")
@@ -267,7 +269,7 @@ class InferenceServicer:
         try:
             for index, source_ids in enumerate(encoded):
                 streams.append(model.engine.submit(TranslationRequest(f"{_request_id(request)}/{index}", source_ids,
-                                                                      params, False, deadline)))
+                                                                      params, False, deadline, priority)))
             finishes = await asyncio.gather(*(stream.result() for stream in streams))
         finally:
             for stream in streams:
@@ -341,6 +343,7 @@ class InferenceServicer:
         key = (model.name, sequence.id)
         started = time.perf_counter()
         params = None
+        priority = parameters.priority(self._limits)
         if parameters.options.max_new_tokens > 0:
             params = parameters.decoding_params(self._limits, single_result=True)
             await check_constraint(model, params, self._limits, where="parameters")  # exact: at the generation
@@ -367,7 +370,8 @@ class InferenceServicer:
                                "start it again with sequence_start = true") from None
         try:
             if params is not None:
-                generation = self._sessions.generate(session_id, params, request_id=_request_id(request))
+                generation = self._sessions.generate(session_id, params, request_id=_request_id(request),
+                                                     priority=priority)
                 try:
                     await generation.ready()
                 except InvalidArgument as error:  # its constraint, compiled for the session's own text

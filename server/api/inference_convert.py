@@ -32,9 +32,9 @@ _STRATEGIES = {"greedy": pb.DecodingOptions.STRATEGY_GREEDY, "sample": pb.Decodi
 _INT32_OPTIONS = ("max_new_tokens", "min_new_tokens", "top_k", "beam_size", "n_best", "no_repeat_ngram_size")
 _FLOAT_OPTIONS = ("temperature", "top_p", "length_penalty", "repetition_penalty")
 _SEQUENCE = ("sequence_id", "sequence_start", "sequence_end")
-# Parameters clients send that need no action here: Triton's scheduling hints (the gRPC deadline is the
-# timeout that counts) and its own `triton_*` controls.
-_ACCEPTED = ("priority", "timeout")
+# Parameters clients send that need no action here: Triton's timeout hint (the gRPC deadline is the timeout
+# that counts) and its own `triton_*` controls.
+_ACCEPTED = ("timeout",)
 CONSTRAINT_NAMES = ("regex", "choice", "json_schema", "grammar")  # DecodingOptions.constraint, one at most
 OPTION_NAMES = ("strategy", *_INT32_OPTIONS, *_FLOAT_OPTIONS, "seed", "early_stopping", "stop", *CONSTRAINT_NAMES)
 
@@ -55,12 +55,26 @@ class InferParameters:
     options: pb.DecodingOptions = field(default_factory=pb.DecodingOptions)
     given: set[str] = field(default_factory=set)  # the option names the request set
     sequence: SequenceControl | None = None
+    triton_priority: int = 0  # Triton's priority level: 0 = the default, 1 = the highest, 2 the next, ...
 
     def decoding_params(self, limits: RequestLimits, *, single_result: bool) -> DecodingParams:
         try:
             return convert.params_from_pb(self.options, limits, single_result=single_result, where="parameters")
         except InvalidArgument as error:
             raise constraint_error(error) from None
+
+    def priority(self, limits: RequestLimits) -> int:
+        """Triton's priority level as seqserve's priority (higher is sooner): level 0 is the default priority 0,
+        level 1 the highest (`max_priority`), each level after it one lower, down to `min_priority`."""
+        level = self.triton_priority
+        if level == 0:
+            return 0
+        levels = limits.max_priority - limits.min_priority + 1
+        if level > levels:
+            raise InvalidArgument(field="parameters.priority", value=level,
+                                  allowed=f"0 (the default) or a level from 1 (the highest, priority "
+                                  f"{limits.max_priority}) to {levels} (the lowest, priority {limits.min_priority})")
+        return limits.max_priority + 1 - level
 
 
 def constraint_error(error: InvalidArgument) -> InvalidArgument:
@@ -97,6 +111,8 @@ def parameters_from_pb(parameters: Mapping[str, object]) -> InferParameters:
             setattr(options, name, _float(parameter, where))
         elif name == "seed":
             options.seed = _int(parameter, where, 0, 2**64 - 1)
+        elif name == "priority":
+            result.triton_priority = _int(parameter, where, 0, 2**64 - 1)
         elif name == "early_stopping":
             options.early_stopping = _bool(parameter, where)
         elif name == "stop":
@@ -115,7 +131,7 @@ def parameters_from_pb(parameters: Mapping[str, object]) -> InferParameters:
             continue
         else:
             raise InvalidArgument(field=where, value=name, allowed="a decoding option (" + ", ".join(OPTION_NAMES)
-                                  + ") or sequence_id, sequence_start, sequence_end")
+                                  + "), priority, or sequence_id, sequence_start, sequence_end")
         if name in OPTION_NAMES:
             result.given.add(name)
     if sequence.get("sequence_id") not in (None, 0, ""):

@@ -57,6 +57,7 @@ class SeqserveServicer(pb_grpc.SeqserveServicer):
     async def Translate(self, request: pb.TranslateRequest, context) -> pb.TranslateResponse:
         sources = convert.sources_from_pb(request.sources, self._limits)
         params = convert.params_from_pb(request.options, self._limits)
+        priority = convert.priority_from_pb(request.priority, self._limits)
         model = await self._model(request.model, request.version, "Translate")
         await check_constraint(model, params, self._limits)
         for i, text in enumerate(sources):  # every cap first: no source is tokenized when one is refused
@@ -67,7 +68,8 @@ class SeqserveServicer(pb_grpc.SeqserveServicer):
         try:
             for index, source_ids in enumerate(encoded):
                 streams.append(model.engine.submit(TranslationRequest(
-                    f"{request_id_var.get()}/{index}", source_ids, params, request.return_attention, deadline)))
+                    f"{request_id_var.get()}/{index}", source_ids, params, request.return_attention, deadline,
+                    priority)))
             results = await asyncio.gather(*(_collect(stream) for stream in streams))
         finally:
             for stream in streams:
@@ -83,11 +85,12 @@ class SeqserveServicer(pb_grpc.SeqserveServicer):
         arrived = time.perf_counter()
         convert.check_text("source", request.source)
         params = convert.params_from_pb(request.options, self._limits)
+        priority = convert.priority_from_pb(request.priority, self._limits)
         model = await self._model(request.model, request.version, "TranslateStream")
         await check_constraint(model, params, self._limits)
         source_ids = await model.encode_source(request.source, "source")
         stream = model.engine.submit(TranslationRequest(request_id_var.get(), source_ids, params,
-                                                        request.return_attention, _deadline(context)))
+                                                        request.return_attention, _deadline(context), priority))
         tokens = TokenLog()
         # The proto promises beam translations no chunks: the full n-best list comes in .done.
         async for item in self._chunks(stream, model, tokens, arrived, pb.TranslateStreamResponse,
@@ -106,11 +109,12 @@ class SeqserveServicer(pb_grpc.SeqserveServicer):
     async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateResponse]:
         arrived = time.perf_counter()
         params = convert.params_from_pb(request.options, self._limits, single_result=True)
+        priority = convert.priority_from_pb(request.priority, self._limits)
         model = await self._model(request.model, request.version, "Generate")
         prompt_ids = await model.encode_prompt(request.prompt)
         await check_constraint(model, params, self._limits, context_ids=prompt_ids)
         stream = model.engine.submit(GenerationRequest(request_id_var.get(), prompt_ids, params,
-                                                       deadline=_deadline(context)))
+                                                       deadline=_deadline(context), priority=priority))
         async for item in self._chunks(stream, model, TokenLog(), arrived, pb.GenerateResponse,
                                        batches=self._ready_batches):
             if not isinstance(item, FinishEvent):
@@ -222,11 +226,12 @@ class SeqserveServicer(pb_grpc.SeqserveServicer):
                                    ) -> AsyncIterator[pb.GenerateResponse]:
         arrived = time.perf_counter()
         params = convert.params_from_pb(request.options, self._limits, single_result=True)
+        priority = convert.priority_from_pb(request.priority, self._limits)
         await self._sessions.ensure(request.session_id)  # no wait for a session this process knows
         generation = self._sessions.generate(request.session_id, params,
                                              leave_unchanged=request.leave_session_unchanged,
                                              request_id=request.request_id or request_id,
-                                             retry_id=request.request_id)
+                                             retry_id=request.request_id, priority=priority)
         try:
             try:
                 model = ServedModel(await generation.ready())

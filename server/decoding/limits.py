@@ -17,10 +17,12 @@ class RequestLimits:
     max_sources: int = 64  # source texts in one Translate request
     max_input_tokens: int = 512  # prompt, source or fed tokens of one request (longer: INVALID_ARGUMENT)
     constraints: ConstraintSettings = field(default_factory=ConstraintSettings)  # a constraint's size and compile
+    min_priority: int = -10  # the lowest priority a request may ask for (0, the default, lies in the range)
+    max_priority: int = 10  # the highest
 
     def __post_init__(self):
         for limit in fields(self):
-            if limit.name == "constraints":
+            if limit.name in ("constraints", "min_priority", "max_priority"):
                 continue
             value = getattr(self, limit.name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

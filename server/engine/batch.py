@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from server.decoding import RowParams, TokenHistory
-from server.engine.requests import State
 from server.decoding.matching import ConstraintRows
+from server.engine.requests import State
 
 CHOOSER_GROUP = 0  # `groups` value of greedy and sampling rows; beam rows hold their beam size
 

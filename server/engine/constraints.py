@@ -17,8 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from server.decoding import DecodingParams
 from server.decoding.matching import ConstraintCompiler, ConstraintSettings
-from server.text.table import TokenTable
 from server.errors import FailedPrecondition, InvalidArgument
+from server.text.table import TokenTable
 
 _COMPILE_THREADS = 2  # compiles that may run at once off the event loop (each bounded by the lexer fuel)
 _compilers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {(size, eos, settings): compiler}

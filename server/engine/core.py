@@ -11,6 +11,12 @@ longer stalls everyone's step when a core is free.
 `decode`: every active row advances in one decode call (or completes the one started during `admit`);
 choose, stop, emit; then the admitted rows join the batch (beam requests start with the next step).
 
+A prompt fed from the zero state starts from the longest prefix whose state the model version's
+`PrefixCache` holds, and leaves the states at its stops there (`_prefill`). Rows that a higher-priority
+request displaces are parked: set aside with their state, next token and decoding columns (history, tokens
+generated, summed log-prob, sampling step, text state), and joined again later as they were (`_park`,
+`_resume`), so no token is computed twice and no output changes.
+
 The per-step work on rows is a handful of numpy calls whatever their number. A plain row's token
 (greedy or sampling, no stop strings, log-probs, alternatives or attention; the common case) becomes
 its text by a table lookup (`TokenTable`) and its event on the event loop's thread (`StepResult.tokens`);
@@ -34,6 +40,7 @@ from server.decoding.matching import AllowedTokens, ConstraintRows, ConstraintSe
 from server.engine.batch import CHOOSER_GROUP, ChooserRows, DecodeBatch, take_rows
 from server.engine.beams import BeamGroupStep, step_beam_group
 from server.engine.constraints import compiler_for
+from server.engine.prefix_cache import PrefixCache, prefill_stops
 from server.engine.requests import Event, FeedRequest, GenerationRequest, State, TranslationRequest
 from server.engine.runner import Runner
 from server.engine.scheduler import Entry, Plan
@@ -56,6 +63,7 @@ class StepResult:
     rows: int = 0  # rows of the decode call (0: none ran)
     decode_seconds: float = 0.0
     prompt_tokens: int = 0
+    prefill_tokens: int = 0  # of the prompt tokens, those the prefill or encoder computed (cache hits not)
     generated_tokens: int = 0
     constrained: list[str] = field(default_factory=list)  # the constraint kind of every request admitted with one
     mask_seconds: float = 0.0  # spent working out the constrained rows' allowed tokens (0: none had to)
@@ -64,7 +72,8 @@ class StepResult:
 class EngineCore:
     """The batch, the decoding state of its rows, and the step that advances them."""
 
-    def __init__(self, bundle: LoadedBundle, runner: Runner, constraints: ConstraintSettings | None = None):
+    def __init__(self, bundle: LoadedBundle, runner: Runner, constraints: ConstraintSettings | None = None,
+                 prefix_cache: PrefixCache | None = None):
         spec = bundle.spec
         self.runner = runner
         self.is_lm = spec.is_lm
@@ -75,6 +84,7 @@ class EngineCore:
         self.table = TokenTable.build(self.tokenizer, self.vocab_size)  # None: decode windows instead
         self.chooser = TokenChooser(self.eos_id)
         self.constraint_settings = constraints or ConstraintSettings()
+        self.prefix_cache = prefix_cache if prefix_cache is not None and prefix_cache.enabled else None
         self._decoder: ThreadPoolExecutor | None = None  # runs the batch's decode call during an admission
         self._in_flight: Future | None = None
         self._joining: _Joining | None = None
@@ -90,11 +100,16 @@ class EngineCore:
         self.batch = DecodeBatch.empty(self.runner.state_shapes, self.runner.memory_size)
         self.choosers = ChooserRows.empty(self.vocab_size)
         self.beams: dict[int, BeamSearch] = {}
-        self.tracked: dict[int, Tracked] = {}
+        self.tracked: dict[int, Tracked] = {}  # running and parked requests
+        # Rows set aside by `_park`: greedy/sampling rows only, so the two stay aligned row for row.
+        self.parked_batch = DecodeBatch.empty(self.runner.state_shapes, self.runner.memory_size)
+        self.parked_choosers = ChooserRows.empty(self.vocab_size)
 
     def close(self) -> None:
-        """Forget every row and end the decode thread."""
+        """Forget every row and every cached prefix, and end the decode thread."""
         self.reset()
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
         if self._decoder is not None:
             self._decoder.shutdown()
             self._decoder = None
@@ -112,6 +127,8 @@ class EngineCore:
         dropped = plan.dropped_slots()
         if dropped:
             self._drop(dropped, result)
+        if plan.park:
+            self._park([e.slot for e in plan.park])
         if len(self.batch) and (plan.admit or decode_started is not None):
             if self._decoder is None:
                 self._decoder = ThreadPoolExecutor(1, thread_name_prefix="engine-decode")
@@ -127,6 +144,8 @@ class EngineCore:
             self._masks = self._batch_masks(result)
         if plan.admit:
             self._admit(plan.admit, result)
+        if plan.resume:
+            self._resume([e.slot for e in plan.resume])
         return result
 
     def decode(self) -> StepResult:
@@ -155,31 +174,68 @@ class EngineCore:
         leaving = [slot for slot in slots if slot in self.tracked]
         if not leaving:
             return
-        parked = self._parked(leaving)
-        keep = ~np.isin(self.batch.owners, np.array(leaving, dtype=np.int64))
-        chooser_rows = self.batch.groups == CHOOSER_GROUP
-        for row in np.flatnonzero(~keep[chooser_rows]).tolist():  # per leaving request: its tokens so far
-            self._settle(self.choosers, row, drop_last=False)
-        self.choosers = self.choosers.filter(keep[chooser_rows])
+        final_states = self._final_states(leaving)
+        gone = np.array(leaving, dtype=np.int64)
+        self.batch, self.choosers = self._without(self.batch, self.choosers, gone)
+        if len(self.parked_batch):
+            self.parked_batch, self.parked_choosers = self._without(self.parked_batch, self.parked_choosers, gone)
         for beam in self.beams.values():
             beam.leave(leaving)
-        self.batch = self.batch.filter(keep)
         for slot in leaving:
-            state, last_token_id = parked.get(slot, (None, None))
+            state, last_token_id = final_states.get(slot, (None, None))
             result.dropped[slot] = self.tracked.pop(slot).finish_event(FinishReason.CANCELLED, state, last_token_id)
 
-    def _parked(self, slots: list[int]) -> dict[int, tuple[State, int]]:
+    def _without(self, batch: DecodeBatch, choosers: ChooserRows, gone: np.ndarray
+                 ) -> tuple[DecodeBatch, ChooserRows]:
+        """`batch` and its `choosers` without the rows of the requests `gone` (their tokens so far settled)."""
+        keep = ~np.isin(batch.owners, gone)
+        chooser_rows = batch.groups == CHOOSER_GROUP
+        for row in np.flatnonzero(~keep[chooser_rows]).tolist():  # per leaving request: its tokens so far
+            self._settle(choosers, row, drop_last=False)
+        return batch.filter(keep), choosers.filter(keep[chooser_rows])
+
+    def _final_states(self, slots: list[int]) -> dict[int, tuple[State, int]]:
         """Leaving greedy/sampling rows that asked for their final state: (state, token) as a finish
         would give them: the row's state before its last chosen token, and that token (a row in the
-        batch has chosen at least one token, none of them <eos>). Per leaving request, not per row."""
-        parked = {}
+        batch, or parked, has chosen at least one token, none of them <eos>). Per leaving request, not per
+        row."""
+        final_states = {}
         for slot in slots:
             tracked = self.tracked[slot]
             if tracked.params.strategy == "beam" or not tracked.wants_final_state:
                 continue
-            (row,) = np.flatnonzero(self.batch.owners == slot)
-            parked[slot] = (tuple(s[row : row + 1].copy() for s in self.batch.state), int(self.batch.tokens[row]))
-        return parked
+            for batch in (self.batch, self.parked_batch):
+                rows = np.flatnonzero(batch.owners == slot)
+                if rows.size:
+                    row = int(rows[0])
+                    final_states[slot] = (tuple(s[row : row + 1].copy() for s in batch.state), int(batch.tokens[row]))
+                    break
+        return final_states
+
+    # --- rows step aside for a higher priority, and come back ------------------------------------
+
+    def _park(self, slots: list[int]) -> None:
+        """The rows of `slots` (greedy/sampling requests) leave the batch with all they need to go on: their
+        state, the token they feed next and their decoding columns. Before the step's decode call starts."""
+        leaving = np.isin(self.batch.owners, np.array(slots, dtype=np.int64))
+        moving = leaving[self.batch.groups == CHOOSER_GROUP]
+        self.parked_batch = DecodeBatch.concatenate([self.parked_batch, self.batch.filter(np.flatnonzero(leaving))])
+        self.parked_choosers = ChooserRows.concatenate([self.parked_choosers,
+                                                        self.choosers.filter(np.flatnonzero(moving))])
+        self.batch = self.batch.filter(~leaving)
+        self.choosers = self.choosers.filter(~moving)
+
+    def _resume(self, slots: list[int]) -> None:
+        """Parked rows of `slots` join the batch after this step, as they were when they left."""
+        back = np.isin(self.parked_batch.owners, np.array(slots, dtype=np.int64))
+        rows, choosers = self.parked_batch.filter(np.flatnonzero(back)), self.parked_choosers.filter(back)
+        self.parked_batch, self.parked_choosers = self.parked_batch.filter(~back), self.parked_choosers.filter(~back)
+        joining = self._joining
+        if joining is None:
+            joining = self._joining = _Joining()
+        joining.rows.insert(0, rows)  # the first greedy/sampling rows that join, in both lists
+        joining.choosers = choosers if joining.choosers is None else ChooserRows.concatenate([choosers,
+                                                                                              joining.choosers])
 
     # --- rows join ------------------------------------------------------------------------------
 
@@ -194,6 +250,7 @@ class EngineCore:
         elif requests:
             memory, mask, starts = self.runner.encode([e.request.source_ids for e in requests])
             tokens = np.full(len(requests), self.bos_id, dtype=np.int64)
+            result.prefill_tokens += sum(e.input_tokens for e in requests)
         if not requests:
             return
         repeats = np.array([e.rows for e in requests], dtype=np.int64)
@@ -257,38 +314,90 @@ class EngineCore:
 
     def _prefill(self, requests: list[Entry], feeds: list[Entry], result: StepResult
                  ) -> tuple[State, np.ndarray | None]:
-        """Prefill every admitted prompt and every feed in one call.
+        """Prefill every admitted prompt and every feed together.
 
         A greedy or sampling request is fed its whole prompt: its first token is chosen from the log-probs
         after it. A beam request is fed all but its last token, which its beams start from at the next
-        step. Returns each request's starting state and the log-probs after each greedy/sampling request's
-        prompt ([requests, V]; beam requests' rows unset), or None if there are none.
+        step. What starts from the zero state starts from the deepest state the prefix cache holds on its
+        path instead, and stops where a state is worth keeping (`_stops`); every row's next piece goes into
+        one call, so a prompt without stops is one call as before. Returns each request's starting state
+        and the log-probs after each greedy/sampling request's prompt ([requests, V]; beam requests' rows
+        unset), or None if there are none.
         """
-        starts = [self._initial(e.request.initial_state) for e in requests]
         choosing = [e.params.strategy != "beam" for e in requests]
-        jobs = [(i, e.request.prompt_ids if choose else e.request.prompt_ids[:-1], starts[i])
-                for i, (e, choose) in enumerate(zip(requests, choosing, strict=True))]
-        jobs = [job for job in jobs if len(job[1])]
-        jobs += [(None, e.request.token_ids, self._initial(e.request.state)) for e in feeds]
+        jobs = []
+        for index, (entry, choose) in enumerate(zip(requests, choosing, strict=True)):
+            request = entry.request
+            jobs.append(_Fill(request.prompt_ids if choose else request.prompt_ids[:-1],
+                              self._initial(request.initial_state), index=index, want_last=choose,
+                              cacheable=request.initial_state is None))
+        for entry in feeds:
+            request = entry.request
+            jobs.append(_Fill(request.token_ids, self._initial(request.state), entry=entry,
+                              want_log_probs=request.want_log_probs,
+                              cacheable=request.state is None and not request.want_log_probs))
+        for job in jobs:
+            self._stops(job)
+        self._fill(jobs, result)
         first_log_probs = np.empty((len(requests), self.vocab_size), dtype=np.float32) if any(choosing) else None
-        if jobs:
-            state_in = tuple(np.concatenate(parts) for parts in zip(*(s for _, _, s in jobs), strict=True))
-            want = any(e.request.want_log_probs for e in feeds)
-            state_out, log_probs, last = self.runner.prefill([seq for _, seq, _ in jobs], state_in, want,
-                                                             want_last=first_log_probs is not None)
-            for row, (index, _, _) in enumerate(jobs):
-                if index is not None:
-                    starts[index] = tuple(s[row : row + 1] for s in state_out)
-                    if choosing[index]:
-                        first_log_probs[index] = last[row]
-            first_feed = len(jobs) - len(feeds)
-            for row, entry in enumerate(feeds, start=first_feed):
-                state = tuple(s[row : row + 1].copy() for s in state_out)
-                scores = _feed_log_probs(entry.request, log_probs[row]) if entry.request.want_log_probs else None
-                result.feeds.append((entry, state, scores))
+        starts: list[State] = [()] * len(requests)
+        for job in jobs:
+            if job.entry is None:
+                starts[job.index] = job.state
+                if job.want_last:
+                    first_log_probs[job.index] = job.last
+                continue
+            request = job.entry.request
+            scores = _feed_log_probs(request, job.log_probs) if request.want_log_probs else None
+            result.feeds.append((job.entry, tuple(s.copy() for s in job.state), scores))
         if not requests:
             return (), None
         return tuple(np.concatenate(parts) for parts in zip(*starts, strict=True)), first_log_probs
+
+    def _stops(self, job: _Fill) -> None:
+        """Where `job` starts (the longest cached prefix of what it feeds from the zero state) and where it
+        stops to keep a state: every `stride` tokens, where it leaves the paths already cached, and the end.
+        A request that chooses its first token also stops before its last token (the sessions' form, that
+        token pending, which an identical prompt resumes from) when its whole prompt is already on a path
+        of the tree (a repeat): a prompt seen for the first time pays no extra call for it."""
+        length, cache = len(job.tokens), self.prefix_cache
+        if not length:
+            return
+        if cache is None or not job.cacheable:
+            job.stops = [length]
+            return
+        job.key = tuple(job.tokens)
+        hit = cache.lookup(job.key, length - 1 if job.want_last else length)
+        if hit.state is not None:
+            job.state, job.position = hit.state, hit.depth
+        extra = [length - 1] if job.want_last and hit.shared == length else []
+        if hit.shared - hit.depth >= cache.min_branch:
+            extra.append(hit.shared)
+        job.stops = prefill_stops(length, job.position, cache.stride, extra)
+
+    def _fill(self, jobs: list[_Fill], result: StepResult) -> None:
+        """Run every job's pieces, one call per round (each job's next piece in it), keeping the states at
+        cacheable stops; each job ends with its state (and its last log-probs or all log-probs if asked)."""
+        running = [job for job in jobs if job.stops]
+        while running:
+            ends = [job.next + 1 == len(job.stops) for job in running]
+            pieces = [job.tokens[job.position : job.stops[job.next]] for job in running]
+            state_in = tuple(np.concatenate(parts) for parts in zip(*(job.state for job in running), strict=True))
+            want_last = any(job.want_last and end for job, end in zip(running, ends, strict=True))
+            want_log_probs = any(job.want_log_probs for job in running)  # such jobs have one piece
+            state_out, log_probs, last = self.runner.prefill(pieces, state_in, want_log_probs, want_last=want_last)
+            result.prefill_tokens += sum(len(piece) for piece in pieces)
+            for row, (job, end) in enumerate(zip(running, ends, strict=True)):
+                job.state = tuple(s[row : row + 1] for s in state_out)
+                job.position = job.stops[job.next]
+                job.next += 1
+                if job.key is not None:
+                    self.prefix_cache.insert(job.key[: job.position], job.state)
+                if end and job.want_last:
+                    job.last = last[row]
+                if end and job.want_log_probs:
+                    job.log_probs = log_probs[row]
+            running = [job for job in running if job.next < len(job.stops)]
 
     def _initial(self, state: State | None) -> State:
         if state is None:
@@ -448,6 +557,25 @@ class EngineCore:
             result.events.append((tracked.entry, token_event))
             result.events.append((tracked.entry, finish))
             result.finished.append((tracked.entry, finish.reason.value))
+
+
+@dataclass(eq=False)
+class _Fill:
+    """What one prompt or feed needs from the prefill, and how far it got."""
+
+    tokens: list[int]  # what it feeds, from `state`
+    state: State  # the state after tokens[:position]
+    index: int | None = None  # a request: its place among the admitted requests
+    entry: Entry | None = None  # a feed
+    want_last: bool = False  # the log-probs after the last token (a greedy/sampling request's first token)
+    want_log_probs: bool = False  # the log-probs after every token (a feed that asked)
+    cacheable: bool = False  # it starts from the zero state: the prefix cache serves and keeps its prefixes
+    key: tuple[int, ...] | None = None  # its tokens, when the cache is used
+    position: int = 0  # tokens fed so far (or found in the cache)
+    stops: list[int] = field(default_factory=list)  # depths where its calls end, ascending
+    next: int = 0  # the stop its next call ends at
+    last: np.ndarray | None = None
+    log_probs: np.ndarray | None = None
 
 
 @dataclass

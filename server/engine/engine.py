@@ -26,6 +26,7 @@ from server.decoding import FinishReason
 from server.engine.config import EngineConfig
 from server.engine.constraints import check_constraint
 from server.engine.core import EngineCore, StepResult
+from server.engine.prefix_cache import CacheMetrics, PrefixCache
 from server.engine.requests import (
     Consumer,
     FeedRequest,
@@ -57,9 +58,12 @@ class ModelEngine:
         self.spec = bundle.spec
         self.kind = bundle.spec.kind  # a ModelKind, equal to "lm" or "seq2seq"
         self.runner = Runner(bundle, config.io_binding)
-        self._core = EngineCore(bundle, self.runner, config.constraints)
         self._scheduler = Scheduler(config)
-        self._metrics = (metrics if metrics is not None else Metrics()).for_model(self.name)
+        self._metrics = m = (metrics if metrics is not None else Metrics()).for_model(self.name)
+        self.prefix_cache = PrefixCache(config.prefix_cache_bytes, config.prefix_cache_stride, CacheMetrics(
+            m.prefix_cache_hit_tokens_total, m.prefix_cache_hits, m.prefix_cache_misses, m.prefix_cache_bytes,
+            m.prefix_cache_evictions_total))
+        self._core = EngineCore(bundle, self.runner, config.limits.constraints, self.prefix_cache)
         self._provider = bundle.providers[0] if bundle.providers else "none"
         self._lock = threading.Condition()  # guards the scheduler and the stop flag; wakes the worker
         self._thread: threading.Thread | None = None
@@ -97,9 +101,9 @@ class ModelEngine:
         await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
         self._thread = None
         leftover = self._scheduler.drain_all()
-        was_active = [e for e in leftover if e.admitted_at is not None]
-        self._metrics.active_rows.dec(sum(e.rows for e in was_active))
-        self._metrics.queue_depth.dec(len(leftover) - len(was_active))
+        was_admitted = [e for e in leftover if e.admitted_at is not None]
+        self._count_out(was_admitted)
+        self._metrics.queue_depth.dec(len(leftover) - len(was_admitted))
         outbox = _Outbox(self._consumers)
         for entry in leftover:
             self._end(outbox, entry, Unavailable(f"model {self.name} v{self.version} was unloaded before the "
@@ -155,7 +159,7 @@ class ModelEngine:
                key: int) -> Entry:
         self._consumers[consumer.consumer_id] = consumer
         return Entry(slot=slot, request=request, params=params, rows=rows, input_tokens=input_tokens,
-                     enqueued_at=time.monotonic(), consumer=consumer, key=key)
+                     enqueued_at=time.monotonic(), consumer=consumer, key=key, priority=request.priority)
 
     # --- what sessions use (server.sessions.port.SessionEngine) -------------------------------
 
@@ -163,7 +167,7 @@ class ModelEngine:
         """Compile `params.constraint` for this model off the event loop (see `server.engine.constraints`)."""
         spec = self.spec
         await check_constraint(params, self.bundle.tokenizer(spec.output_tokenizer_role), spec.vocab_size,
-                               spec.special.eos, self.config.constraints, context_ids)
+                               spec.special.eos, self.config.limits.constraints, context_ids)
 
     @property
     def max_input_tokens(self) -> int:
@@ -291,8 +295,8 @@ class ModelEngine:
             logger.exception("%s v%d: a step failed; failing its requests", self.name, self.version)
             self._core.reset()
             with self._lock:
-                failed = [e for e in list(self._scheduler.active.values()) if self._scheduler.finish(e.slot)]
-            self._metrics.active_rows.dec(sum(e.rows for e in failed))
+                failed = self._scheduler.end_admitted()
+            self._count_out(failed)
             failure = SeqserveError(f"internal error while decoding: {error}")
             posted = self._post_held() and self._post(plan, StepResult(), failed, failure)
             return _FAILED if posted else _LOOP_GONE
@@ -326,12 +330,19 @@ class ModelEngine:
         taken = len(plan.admit) + len(plan.withdrawn) + sum(1 for e in plan.expired if e.admitted_at is None)
         if taken:
             metrics.queue_depth.dec(taken)
-        rows_in = sum(e.rows for e in plan.admit)
-        rows_out = sum(e.rows for e in (*plan.drop, *plan.expired) if e.admitted_at is not None)
+        ended = [e for e in (*plan.drop, *plan.expired) if e.admitted_at is not None]
+        rows_in = sum(e.rows for e in (*plan.admit, *plan.resume))
+        rows_out = sum(e.rows for e in ended if e.parked_at is None) + sum(e.rows for e in plan.park)
         if rows_in != rows_out:
             metrics.active_rows.inc(rows_in - rows_out)
+        parked = (sum(e.rows for e in plan.park) - sum(e.rows for e in plan.resume)
+                  - sum(e.rows for e in ended if e.parked_at is not None))
+        if parked:
+            metrics.parked_rows.inc(parked)
+        if plan.park:
+            metrics.preemptions_total.inc(len(plan.park))
         for entry in plan.admit:
-            metrics.queue_wait_seconds.observe(now - entry.enqueued_at)
+            metrics.queue_wait(entry.priority).observe(now - entry.enqueued_at)
         for entry in (*plan.drop, *plan.withdrawn):
             if not entry.is_feed:
                 metrics.finished(FinishReason.CANCELLED.value)
@@ -346,6 +357,8 @@ class ModelEngine:
             metrics.decode_step_duration_seconds.observe(result.decode_seconds)
         if result.prompt_tokens:
             metrics.prompt_tokens_total.inc(result.prompt_tokens)
+        if result.prefill_tokens:
+            metrics.prefill_tokens_total.inc(result.prefill_tokens)
         if result.generated_tokens:
             metrics.generated_tokens_total.inc(result.generated_tokens)
         metrics.count_constraints(result.constrained, result.mask_seconds)
@@ -355,6 +368,15 @@ class ModelEngine:
             metrics.finished(reason)
         if rows_out:
             metrics.active_rows.dec(rows_out)
+
+    def _count_out(self, entries: list[Entry]) -> None:
+        """Admitted entries ended without a plan (a failed step, a stop): out of the row gauges."""
+        active = sum(e.rows for e in entries if e.parked_at is None)
+        parked = sum(e.rows for e in entries if e.parked_at is not None)
+        if active:
+            self._metrics.active_rows.dec(active)
+        if parked:
+            self._metrics.parked_rows.dec(parked)
 
     # --- delivery, on the asyncio loop's thread -------------------------------------------------
 

@@ -28,7 +28,8 @@ class GenerationRequest:
     passes its parked state as `initial_state` (each tensor [1, ...]) and the tokens still to feed (at
     least one: its last token). `history_ids` are the tokens repetition_penalty and
     no_repeat_ngram_size look back on (default: `prompt_ids`). With `return_final_state` the finish
-    event carries the state after every token but the last chosen one (the session parks it).
+    event carries the state after every token but the last chosen one (the session parks it). A higher
+    `priority` is admitted sooner and may park lower-priority rows (`server.engine.scheduler`).
     """
 
     request_id: str
@@ -38,17 +39,20 @@ class GenerationRequest:
     history_ids: list[int] | None = None
     deadline: float | None = None
     return_final_state: bool = False
+    priority: int = 0
 
 
 @dataclass
 class TranslationRequest:
-    """A seq2seq model translates `source_ids` (tokenizer ids, no special tokens)."""
+    """A seq2seq model translates `source_ids` (tokenizer ids, no special tokens); `priority` as a
+    GenerationRequest's."""
 
     request_id: str
     source_ids: list[int]
     params: DecodingParams
     return_attention: bool = False
     deadline: float | None = None
+    priority: int = 0
 
 
 def context_of(request: GenerationRequest | TranslationRequest) -> list[int]:

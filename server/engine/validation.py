@@ -43,12 +43,13 @@ def validate_request(request: GenerationRequest | TranslationRequest, bundle: Lo
         input_tokens = len(request.source_ids)
     else:
         raise TypeError(f"an engine takes GenerationRequest or TranslationRequest, got {type(request).__name__}")
+    check_priority("priority", request.priority, limits.min_priority, limits.max_priority)
     if not isinstance(request.params, DecodingParams):
         raise TypeError(f"params must be DecodingParams, got {type(request.params).__name__}")
     params = request.params.validate(limits.max_new_tokens, max_beam_size=limits.max_beam_size,
-                                     max_constraint_chars=config.constraints.max_chars)
+                                     max_constraint_chars=limits.constraints.max_chars)
     if params.constraint is not None:  # compiled now (this process's cache), so admission only copies it
-        compile_constraint(params, bundle, config.constraints, context_of(request))
+        compile_constraint(params, bundle, limits.constraints, context_of(request))
     if params.strategy == "beam" and params.beam_size > config.max_rows:
         raise InvalidArgument(field="beam_size", value=params.beam_size,
                               allowed=f"at most {config.max_rows} (the rows this server decodes at once)")
@@ -66,6 +67,14 @@ def validate_feed(request: FeedRequest, bundle: LoadedBundle, config: EngineConf
         check_ids("next_token_id", [request.next_token_id], vocab, None)
     if request.state is not None:
         check_state("state", request.state, spec.state_shapes)
+
+
+def check_priority(field: str, value, low: int, high: int) -> int:
+    """A request's priority: an integer in [low, high] (higher is sooner; 0 is the default)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
+        raise InvalidArgument(field=field, value=value,
+                              allowed=f"an integer in [{low}, {high}] (higher is sooner, 0 is the default)")
+    return int(value)
 
 
 def check_ids(field: str, ids: Sequence[int], vocab_size: int, max_length: int | None) -> None:

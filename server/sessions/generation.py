@@ -44,7 +44,8 @@ class SessionGeneration(RequestStream):
     """
 
     def __init__(self, manager: SessionHost, session_id: str, turn: Turn, params: DecodingParams,
-                 leave_unchanged: bool, request_id: str, retry_id: str = "", *, end_taken_by_owner: bool = False):
+                 leave_unchanged: bool, request_id: str, retry_id: str = "", priority: int = 0, *,
+                 end_taken_by_owner: bool = False):
         loop = asyncio.get_running_loop()
         self._taken = loop.create_future()  # the caller took the FinishEvent (or what ended the stream), or left
         # With `end_taken_by_owner`, the one who takes the events only passes them on (to another process):
@@ -53,6 +54,7 @@ class SessionGeneration(RequestStream):
                          on_end_taken=None if end_taken_by_owner else self.end_taken)
         self.session_id = session_id
         self.retry_id = retry_id  # a client's id: a generation the session already applied is replayed
+        self.priority = priority  # the engine request's
         self.tokens_consumed: int | None = None
         self._ready = loop.create_future()
         self._ready.add_done_callback(_retrieve)  # nobody may ask; its error also reaches the iterator
@@ -96,7 +98,8 @@ class SessionGeneration(RequestStream):
                         await engine.check_constraint(params, record.history.tolist())
                     return engine.submit(GenerationRequest(
                         self.request_id, [record.last_token_id], params, initial_state=record.state,
-                        history_ids=record.history.tolist(), return_final_state=not leave_unchanged))
+                        history_ids=record.history.tolist(), return_final_state=not leave_unchanged,
+                        priority=self.priority))
 
                 engine, stream = await manager.on_engine(record, submit)
                 self._engine_stream = stream

@@ -203,9 +203,10 @@ class SessionManager:
                 raise FailedPrecondition(f"sessions need a language model; {engine.name} v{engine.version} is a "
                                          "translation model")
             history = [engine.spec.special.bos, *await self._encode(engine, prefix, "prefix")]
-            state = engine.zero_state(1)
-            if len(history) > 1:
-                state, _ = await engine.feed(state, history[:-1])
+            if len(history) == 1:
+                return engine.zero_state(1), history
+            # From the zero state (None), so the engine's prefix cache serves and keeps the prefix.
+            state, _ = await engine.feed(None, history[:-1])
             return state, history
 
         engine, (state, history) = await self._retrying(lambda: self.registry.get(model, version), start)
@@ -261,12 +262,14 @@ class SessionManager:
                         raise _aborted(session_id, "Feed") from None
 
     def generate(self, session_id: str, params: DecodingParams, *, leave_unchanged: bool = False,
-                 request_id: str = "", retry_id: str = "", end_taken_by_owner: bool = False) -> SessionGeneration:
+                 request_id: str = "", retry_id: str = "", priority: int = 0,
+                 end_taken_by_owner: bool = False) -> SessionGeneration:
         """Acknowledge a generation now (its place in the session's order); iterate the result for events.
 
         FailedPrecondition if the session already has a generation acknowledged and not over. A `retry_id`
         (a client's request_id) that the session already applied replays that generation's result instead.
-        With a shared store, `await ensure(session_id)` first.
+        `priority` is the engine request's (checked by the engine). With a shared store, `await
+        ensure(session_id)` first.
         """
         live = self._lookup(session_id)  # (the caller awaited ensure(session_id) first)
         if live.line.generating:
@@ -274,7 +277,7 @@ class SessionManager:
                                      "generation at a time (wait for it to finish or cancel it)")
         turn = self._join(session_id, generates=True)
         generation = SessionGeneration(self, session_id, turn, params, leave_unchanged,
-                                       request_id or secrets.token_hex(8), retry_id,
+                                       request_id or secrets.token_hex(8), retry_id, priority,
                                        end_taken_by_owner=end_taken_by_owner)
         self._keep(generation.task)
         return generation

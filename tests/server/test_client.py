@@ -128,7 +128,8 @@ def test_generate_streams_text(capsys, target):
     code, out, _ = run(capsys, target, "generate", "--model", "tiny-lm", "--max-new-tokens", "12",
                        "--min-new-tokens", "12", "the", "cat")
     assert code == 0 and len(out) == 13 and out.endswith("\n")
-    code, out, _ = run(capsys, target, "generate", "--model", "tiny-lm", "--json", "--seed", "3", "the")
+    code, out, _ = run(capsys, target, "generate", "--model", "tiny-lm", "--json", "--seed", "3", "--priority", "2",
+                       "the")
     lines = [json.loads(line) for line in out.splitlines()]
     assert lines[-1]["done"]["model"] == "tiny-lm"
     assert "".join(m["chunk"].get("text", "") for m in lines[:-1]) == lines[-1]["done"].get("text", "")
@@ -139,6 +140,8 @@ def test_failed_calls_exit_1_with_the_status_name(capsys, target):
     assert code == 1
     assert err.splitlines()[0] == "INVALID_ARGUMENT: options.top_p must be in (0, 1], got 1.5"
     assert "field options.top_p: " in err
+    code, _, err = run(capsys, target, "generate", "--model", "tiny-lm", "--priority", "11", "x")
+    assert code == 1 and err.startswith("INVALID_ARGUMENT: priority must be an integer in [-10, 10]")
     code, _, err = run(capsys, target, "generate", "--model", "nope", "x")
     assert code == 1 and err.startswith("NOT_FOUND: unknown model 'nope'")
     code, _, err = run(capsys, target, "generate", "x")

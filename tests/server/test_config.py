@@ -28,6 +28,21 @@ def test_file_then_environment_then_flags(tmp_path):
     assert config.auth_token == "s3cret" and "s3cret" not in repr(config) and "s3cret" not in config.to_toml()
 
 
+def test_prefix_cache_and_priorities_reach_the_engines_and_the_api():
+    from server.app import make_registry
+    from server.metrics import Metrics
+
+    config = load_config(env={"SEQSERVE_PREFIX_CACHE_BYTES": "0", "SEQSERVE_PREFIX_CACHE_STRIDE": "32",
+                              "SEQSERVE_MIN_PRIORITY": "-3", "SEQSERVE_MAX_PRIORITY": "7",
+                              "SEQSERVE_PRIORITY_AGING_SECONDS": "0.5"})
+    assert ServerConfig().prefix_cache_bytes == 128 * 1024 * 1024 and ServerConfig().prefix_cache_stride == 64
+    engine = make_registry(config, Metrics()).config
+    assert (engine.prefix_cache_bytes, engine.prefix_cache_stride, engine.limits.min_priority,
+            engine.limits.max_priority, engine.priority_aging_seconds) == (0, 32, -3, 7, 0.5)
+    # One limits object: the API edge validates against the very limits the engines were given.
+    assert config.request_limits() == engine.limits
+
+
 def test_config_file_from_environment(tmp_path):
     path = tmp_path / "c.toml"
     path.write_text('repository = "/srv/models"\n')
@@ -56,6 +71,12 @@ def test_round_trip_through_toml(tmp_path):
     ({"env": {"SEQSERVE_LOG_FORMAT": "xml"}}, "log_format must be one of json, text, got 'xml'"),
     ({"env": {"SEQSERVE_DEFAULT_MAX_NEW_TOKENS": "999"}}, "default_max_new_tokens must be in [1, max_new_tokens"),
     ({"env": {"SEQSERVE_GRAPH_OPTIMIZATION_LEVEL": "max"}}, "graph_optimization_level must be one of"),
+    ({"env": {"SEQSERVE_PREFIX_CACHE_BYTES": "-1"}}, "prefix_cache_bytes must be >= 0 (0 = off), got -1"),
+    ({"env": {"SEQSERVE_PREFIX_CACHE_BYTES": "1GiB"}}, "prefix_cache_bytes from the environment variable"),
+    ({"env": {"SEQSERVE_PREFIX_CACHE_STRIDE": "0"}}, "prefix_cache_stride must be >= 1"),
+    ({"env": {"SEQSERVE_MIN_PRIORITY": "1"}}, "min_priority must be <= 0 (0 is the default priority), got 1"),
+    ({"file": "max_priority = -1\n"}, "max_priority must be >= 0"),
+    ({"env": {"SEQSERVE_PRIORITY_AGING_SECONDS": "-2"}}, "priority_aging_seconds must be >= 0"),
 ])
 def test_bad_settings_are_named(tmp_path, source, expected):
     path = None

@@ -86,6 +86,10 @@ def test_hot_swap_new_requests_go_to_the_new_version_in_flight_ones_finish_on_th
         assert finish.reason is FinishReason.CANCELLED and len(finish.generated_ids) > 20
         await wait_for(lambda: info(1) is None)  # the old engine stopped once it was empty
         assert info(2) == 1 and load() == (0, 0)  # nothing left on either version
+        # The retired version's prefix states went with it; the model's gauge now holds v2's alone.
+        assert old.prefix_cache.states == 0 and old.prefix_cache.bytes == 0
+        assert prom.get_sample_value("seqserve_prefix_cache_bytes", {"model": "tiny-lm"}) == \
+            new.prefix_cache.bytes > 0
 
         pinned = await registry.get("tiny-lm", 1)  # loaded again, on demand
         assert pinned.version == 1 and pinned is not old

@@ -373,3 +373,20 @@ def test_statistics_index_and_prometheus_count_these_calls(client, server):
     assert counts[("ModelInfer", "g2p-en", "OK")] >= 1
     assert counts[("ModelInfer", "", "NOT_FOUND")] >= 1  # a made-up model name is no label value
     assert counts[("ServerLive", "", "OK")] >= 1
+
+
+def test_the_priority_parameter_is_a_triton_level_mapped_onto_seqserve_priorities(client, server):
+    """Triton's convention: 0 = the default, 1 = the highest level, 2 the next, ...: here level 1 is
+    max_priority (10), each level after it one lower, down to min_priority (-10) at level 21."""
+    def waited(priority: int) -> float:
+        return server.app.metrics.registry.get_sample_value(
+            "seqserve_queue_wait_seconds_count", {"model": "fortunes-lm", "priority": str(priority)}) or 0.0
+
+    before = {p: waited(p) for p in (10, 9, 0, -10)}
+    for level in (1, 2, 0, 21):
+        client.infer("fortunes-lm", [text_input(["a"])], parameters={"max_new_tokens": 2}, priority=level)
+    assert {p: waited(p) - before[p] for p in before} == {10: 1, 9: 1, 0: 1, -10: 1}
+    error = error_of(lambda: client.infer("fortunes-lm", [text_input(["a"])], priority=22))
+    assert error.status() == "StatusCode.INVALID_ARGUMENT"
+    assert error.message() == ("parameters.priority must be 0 (the default) or a level from 1 (the highest, "
+                               "priority 10) to 21 (the lowest, priority -10), got 22")

@@ -23,8 +23,8 @@ from server.decoding.matching import (
     allowed_tokens,
 )
 from server.engine.constraints import check_constraint
-from server.text.table import TokenTable
 from server.errors import InvalidArgument
+from server.text.table import TokenTable
 
 TOKENIZER = Path(__file__).resolve().parents[3] / "models" / "fortunes-lm" / "1" / "tokenizer.json"
 EOS = 2

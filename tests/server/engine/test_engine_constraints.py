@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from server.bundle import load_bundle
 from server.decoding import Constraint, DecodingParams, FinishReason, gnmt_length_penalty
+from server.decoding.limits import RequestLimits
 from server.engine import EngineConfig, GenerationRequest, ModelEngine, TranslationRequest
 from server.engine.constraints import compiler_for
 from server.errors import FailedPrecondition, InvalidArgument
@@ -153,7 +154,7 @@ def test_max_new_tokens_first_leaves_a_prefix_the_constraint_allows(lm):
     (finish,) = lm.finish_all([generation(lm, "The ", DecodingParams(max_new_tokens=7, constraint=constraint))])
     assert finish.reason is FinishReason.LENGTH and len(finish.generated_ids) == 7
     matcher = compiler_for(lm.bundle.tokenizer("text"), lm.bundle.spec.vocab_size, EOS,
-                           EngineConfig().constraints).matcher(constraint)
+                           RequestLimits().constraints).matcher(constraint)
     assert matcher.consume_tokens(finish.generated_ids) and not matcher.is_error()
     assert re.fullmatch(r"[a-z]+( [a-z]+)*", finish.text)
 
@@ -308,4 +309,4 @@ def test_a_tokenizer_the_server_cannot_follow_takes_no_constraint(lm):
     tokenizer = Tokenizer.from_str(lm.bundle.tokenizer("text").to_str())
     tokenizer.decoder = decoders.WordPiece()
     with pytest.raises(FailedPrecondition, match="takes no constraint"):
-        compiler_for(tokenizer, lm.bundle.spec.vocab_size, EOS, EngineConfig().constraints)
+        compiler_for(tokenizer, lm.bundle.spec.vocab_size, EOS, RequestLimits().constraints)

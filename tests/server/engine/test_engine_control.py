@@ -359,8 +359,12 @@ def test_metrics_record_the_engine(lm):
     assert value("seqserve_batch_size_count", labels) >= 6
     assert value("seqserve_batch_size_sum", labels) >= 6 * (2 + 2 * 2) * 0.5
     assert value("seqserve_decode_step_duration_seconds_count", labels) == value("seqserve_batch_size_count", labels)
-    assert value("seqserve_queue_wait_seconds_count", labels) == 4
+    assert value("seqserve_queue_wait_seconds_count", {**labels, "priority": "0"}) == 4
     assert value("seqserve_prompt_tokens_total", labels) == 4 * len(prompt(bundle, "a cat"))
+    # Admitted together, none found another's prefix: the greedy ones computed their whole prompt, the beam
+    # ones all but the last token (their beams start from it).
+    assert value("seqserve_prefill_tokens_total", labels) == 4 * len(prompt(bundle, "a cat")) - 2
+    assert value("seqserve_prefix_cache_lookups_total", {**labels, "result": "miss"}) == 4
     assert value("seqserve_generated_tokens_total", labels) == sum(len(f.generated_ids) for f in finishes)
     assert sum(value("seqserve_finished_total", {**labels, "reason": r}) or 0 for r in ("eos", "length")) == 4
     assert value("seqserve_active_rows", labels) == 0 and value("seqserve_queue_depth", labels) == 0
