@@ -57,6 +57,19 @@ def run(body):
     asyncio.run(body())
 
 
+def run_shared(redis_url: str, body):
+    """`await body(store, clock)` over a fresh redis-server's store, opened and closed around it."""
+    async def go():
+        store = open_store(redis_url)
+        await store.open()
+        try:
+            await body(store, Clock())
+        finally:
+            await store.close()
+
+    asyncio.run(go())
+
+
 @pytest.fixture
 def redis_url(redis_server):
     redis_server.flush()
@@ -146,113 +159,88 @@ def test_local_a_version_gone_from_the_repository_ends_the_session():
 
 
 def test_shared_start_up_adopts_nothing_and_a_missing_version_leaves_the_session(redis_url):
-    async def body():
-        store = open_store(redis_url)
-        await store.open()
-        try:
-            await store.put(record("a", used=1_000.0))
-            replica = Replica(store, Clock())
-            await replica.policy.adopt_stored()
-            assert len(replica.index) == 0  # adopted when first used (the manager's ensure)
-            error = await replica.policy.version_missing(await store.get("a"))
-            assert isinstance(error, FailedPrecondition) and "send it to a replica that does" in str(error)
-            assert await store.get("a") is not None
-        finally:
-            await store.close()
+    async def body(store, clock):
+        await store.put(record("a", used=1_000.0))
+        replica = Replica(store, clock)
+        await replica.policy.adopt_stored()
+        assert len(replica.index) == 0  # adopted when first used (the manager's ensure)
+        error = await replica.policy.version_missing(await store.get("a"))
+        assert isinstance(error, FailedPrecondition) and "send it to a replica that does" in str(error)
+        assert await store.get("a") is not None
 
-    run(body)
+    run_shared(redis_url, body)
 
 
 def test_shared_stored_times_are_the_truth(redis_url):
-    async def body():
-        clock, store = Clock(), open_store(redis_url)
-        await store.open()
-        try:
-            here = Replica(store, clock)
-            made = await here.create("a", used=1_000.0)
-            await store.put(made.touched(1_008.0))  # another replica used it: the index here is stale
-            clock.now = 1_012.0  # past the TTL by this replica's index, not by the store
-            live = here.index.get("a")
-            here.policy.expire_if_idle("a", live)  # never decided from this index
-            turn = live.line.join()
+    async def body(store, clock):
+        here = Replica(store, clock)
+        made = await here.create("a", used=1_000.0)
+        await store.put(made.touched(1_008.0))  # another replica used it: the index here is stale
+        clock.now = 1_012.0  # past the TTL by this replica's index, not by the store
+        live = here.index.get("a")
+        here.policy.expire_if_idle("a", live)  # never decided from this index
+        turn = live.line.join()
+        await here.policy.refresh("a", live, await store.get("a"))
+        assert live.last_used_at == 1_008.0
+        clock.now = 1_020.0
+        with pytest.raises(NotFound, match="expired"):
             await here.policy.refresh("a", live, await store.get("a"))
-            assert live.last_used_at == 1_008.0
-            clock.now = 1_020.0
-            with pytest.raises(NotFound, match="expired"):
-                await here.policy.refresh("a", live, await store.get("a"))
-            assert await store.get("a") is None and "a" not in here.index
-            turn.release()
-        finally:
-            await store.close()
+        assert await store.get("a") is None and "a" not in here.index
+        turn.release()
 
-    run(body)
+    run_shared(redis_url, body)
 
 
 def test_shared_expiry_waits_while_another_operation_is_queued_here(redis_url):
-    async def body():
-        clock, store = Clock(), open_store(redis_url)
-        await store.open()
-        try:
-            replica = Replica(store, clock)
-            await replica.create("a", used=1_000.0)
-            clock.now = 1_020.0
-            live = replica.index.get("a")
-            turns = [live.line.join(), live.line.join()]  # this operation, and one queued behind it
-            stored = await store.get("a")
-            await replica.policy.refresh("a", live, stored)  # still in use here: not expired
-            assert await store.get("a") is not None
-            for turn in turns:
-                turn.release()
-        finally:
-            await store.close()
+    async def body(store, clock):
+        replica = Replica(store, clock)
+        await replica.create("a", used=1_000.0)
+        clock.now = 1_020.0
+        live = replica.index.get("a")
+        turns = [live.line.join(), live.line.join()]  # this operation, and one queued behind it
+        stored = await store.get("a")
+        await replica.policy.refresh("a", live, stored)  # still in use here: not expired
+        assert await store.get("a") is not None
+        for turn in turns:
+            turn.release()
 
-    run(body)
+    run_shared(redis_url, body)
 
 
 def test_shared_sweep_expires_every_replicas_sessions_and_unindexes_idle_ones_here(redis_url):
-    async def body():
-        clock, store = Clock(), open_store(redis_url)
-        await store.open()
-        try:
-            here, there = Replica(store, clock), Replica(store, clock)
-            await there.create("theirs", used=1_000.0)
-            mine = await here.create("mine", used=1_000.0, ttl=100)
-            await here.create("busy", used=1_000.0)
-            turn = here.index.get("busy").line.join()
-            clock.now = 1_011.0
-            assert await here.policy.sweep() == 1  # theirs; busy is in use here
-            assert here.index.why_ended("theirs").startswith("expired") and here.evicted(EXPIRED) == 1
-            assert await store.get("theirs") is None and await store.get("busy") is not None
-            turn.release()
-            await store.put(mine.touched(1_090.0))  # used on the other replica since
-            clock.now = 1_101.0  # idle past its TTL by this index, not by the store
-            await here.policy.sweep_periodically()  # expires busy (now idle); drops mine from the index only
-            assert len(here.index) == 0 and here.index.why_ended("mine") is None
-            assert await store.ids() == ["mine"]
-        finally:
-            await store.close()
+    async def body(store, clock):
+        here, there = Replica(store, clock), Replica(store, clock)
+        await there.create("theirs", used=1_000.0)
+        mine = await here.create("mine", used=1_000.0, ttl=100)
+        await here.create("busy", used=1_000.0)
+        turn = here.index.get("busy").line.join()
+        clock.now = 1_011.0
+        assert await here.policy.sweep() == 1  # theirs; busy is in use here
+        assert here.index.why_ended("theirs").startswith("expired") and here.evicted(EXPIRED) == 1
+        assert await store.get("theirs") is None and await store.get("busy") is not None
+        turn.release()
+        await store.put(mine.touched(1_090.0))  # used on the other replica since
+        clock.now = 1_101.0  # idle past its TTL by this index, not by the store
+        await here.policy.sweep_periodically()  # expires busy (now idle); drops mine from the index only
+        assert len(here.index) == 0 and here.index.why_ended("mine") is None
+        assert await store.ids() == ["mine"]
 
-    run(body)
+    run_shared(redis_url, body)
 
 
 def test_shared_cap_counts_the_stores_sessions(redis_url):
-    async def body():
-        clock, store = Clock(), open_store(redis_url)
-        await store.open()
-        try:
-            here, there = Replica(store, clock, max_sessions=2), Replica(store, clock, max_sessions=2)
-            await there.create("theirs", used=1_000.0)
-            await here.create("mine", used=1_001.0)
-            turn = here.index.get("mine").line.join()
-            await here.create("third", used=1_002.0)  # the store is full: the other replica's session goes
-            assert sorted(await store.ids()) == ["mine", "third"]
-            assert (await store.ended("theirs")).startswith("was evicted")
-            turns = [turn, here.index.get("third").line.join()]
-            with pytest.raises(ResourceExhausted, match="the session store holds at most 2 sessions"):
-                await here.create("fourth", used=1_003.0)
-            for turn in turns:
-                turn.release()
-        finally:
-            await store.close()
+    async def body(store, clock):
+        here, there = Replica(store, clock, max_sessions=2), Replica(store, clock, max_sessions=2)
+        await there.create("theirs", used=1_000.0)
+        await here.create("mine", used=1_001.0)
+        turn = here.index.get("mine").line.join()
+        await here.create("third", used=1_002.0)  # the store is full: the other replica's session goes
+        assert sorted(await store.ids()) == ["mine", "third"]
+        assert (await store.ended("theirs")).startswith("was evicted")
+        turns = [turn, here.index.get("third").line.join()]
+        with pytest.raises(ResourceExhausted, match="the session store holds at most 2 sessions"):
+            await here.create("fourth", used=1_003.0)
+        for turn in turns:
+            turn.release()
 
-    run(body)
+    run_shared(redis_url, body)
