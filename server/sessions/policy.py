@@ -14,9 +14,9 @@ first; the cap counts the store's sessions, every replica's; an index entry idle
 dropped without ending the session (another replica may be using it); a version this server does not serve
 leaves the session alone (another replica may serve it: FAILED_PRECONDITION).
 
-`SessionManager` holds one policy, chosen once by `policy_for(store)`; everything else it does is one path
-for both. A policy never takes an operation's turn: the manager calls it inside the session's line (or, for
-the sweeps, for sessions with nothing in progress).
+`SessionManager` holds one policy, chosen once by `policy_for` from `store.shared`; everything else it does
+is one path for both. A policy never joins a session's line; where it ends sessions by itself (sweeps,
+eviction) it passes over those with an operation in progress.
 """
 
 from __future__ import annotations
