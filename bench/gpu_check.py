@@ -1,4 +1,4 @@
-"""The GPU check, one script for a machine whose onnxruntime has the CUDA provider (../shared/gpu/README.md):
+"""The GPU check, one script for a machine whose onnxruntime has the CUDA provider (`onnxruntime-gpu`):
 does the engine serve on CUDA, do its tokens equal the CPU's, and how fast is it against the bare step.
 
 Writes to --out: `providers.json` (what ONNX Runtime offers, what the bundle's sessions obtained),

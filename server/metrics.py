@@ -1,4 +1,4 @@
-"""Every Prometheus metric seqserve exports (the design's §6, in DESIGN.md beside the repository), defined once.
+"""Every Prometheus metric seqserve exports (the table in docs/operations.md, "Metrics"), defined once.
 
 Prefix `seqserve_`, base units, `_total` on counters, a `model` label (the model's name; versions of
 one model add up) wherever a model is involved. Pass a `CollectorRegistry` to keep tests apart; the

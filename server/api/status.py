@@ -1,4 +1,4 @@
-"""Domain errors -> gRPC status: code, message and `google.rpc` details (the design's §4).
+"""Domain errors -> gRPC status: code, message and `google.rpc` details (the README's error table).
 
 `status_of` is the one mapping: `BadRequest` field violations and an `ErrorInfo` naming field, value and
 allowed range for an InvalidArgument, `RetryInfo` for what passes (Unavailable, ResourceExhausted), and

@@ -154,3 +154,8 @@ class SessionIndex:
     def _unindexed(self, live: Live) -> None:
         self._metrics.sessions_active.labels(model=live.model).dec()
         self._metrics.session_state_bytes.labels(model=live.model).dec(live.state_bytes)
+
+
+def short_id(session_id: str) -> str:
+    """An id for a message: a client's made-up id may be anything, so it is cut and quoted."""
+    return repr(session_id if len(session_id) <= 40 else session_id[:40] + "...")

@@ -15,6 +15,11 @@ The store (`store.py`) is the truth: an operation is acknowledged only after the
 changed, every write is a compare-and-set on the record's revision (an operation that lost a race with
 another replica is run again on the new revision, or answered ABORTED), a restarted server adopts every
 session its store holds, and with a shared store (Redis) a session unknown here is looked up there.
+
+What differs between a store of this process's own and one shared by replicas (expiry by the index or by
+the stored times, the cap counted here or in the store, adoption at start-up or on first use, sweeping, a
+version not served here) is one policy object chosen at construction (`policy.py`); the manager itself is
+one path for both.
 """
 
 from __future__ import annotations
@@ -30,10 +35,11 @@ from typing import TypeVar
 
 from server.decoding import DecodingParams
 from server.engine.requests import FinishEvent, State
-from server.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from server.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from server.metrics import Metrics
 from server.sessions.generation import SessionGeneration
-from server.sessions.index import CLOSED, EVICTED, EXPIRED, MODEL_REMOVED, Live, SessionIndex
+from server.sessions.index import CLOSED, Live, SessionIndex, short_id
+from server.sessions.policy import policy_for
 from server.sessions.port import SessionEngine
 from server.sessions.record import SessionRecord
 from server.sessions.store import InMemorySessionStore, MeasuredStore, SessionStore, StoreConflict, StoredSession
@@ -114,14 +120,14 @@ class SessionManager:
         self.metrics = metrics if metrics is not None else Metrics()
         store = store if store is not None else InMemorySessionStore(tombstones=self.limits.tombstones)
         self.store = store if isinstance(store, MeasuredStore) else MeasuredStore(store, self.metrics)
-        self.shared = self.store.shared  # other replicas change sessions too: the store decides expiry and the cap
         self.signing_key = signing_key
         self.conflict_retries = 3  # an operation that loses a race with another replica runs again this often
         self.clock = clock
         self._adopting: dict[str, _Adoption] = {}
         self._index = SessionIndex(self.metrics, self.limits.max_sessions, self.limits.tombstones)
+        # What differs with a store shared by replicas (expiry, the cap, adoption, a version not served here).
+        self._policy = policy_for(self.store, self._index, self.limits.max_sessions, clock)
         self._tasks: set[asyncio.Task] = set()
-        self._deletes: set[asyncio.Future] = set()  # store deletes of sessions ended from synchronous code
         self._sweeper: asyncio.Task | None = None
 
     def __len__(self) -> int:
@@ -133,18 +139,7 @@ class SessionManager:
         """Open the store, adopt the sessions it holds (a restart; for a shared store, sessions are adopted
         when first used), and expire idle sessions in the background (they also expire when touched)."""
         await self.store.open()
-        if not self.shared:
-            now = self.clock()
-            for stored in await self.store.sessions():
-                if stored.session_id in self._index:
-                    continue
-                if stored.expires_at <= now:  # its idle time ran out while the server was down
-                    why = self._index.why(EXPIRED, stored)
-                    await self.store.delete(stored.session_id, why)
-                    self._index.remember_end(stored.session_id, why)
-                    self._index.count_eviction(stored.model, EXPIRED)
-                    continue
-                self._index.add(stored)
+        await self._policy.adopt_stored()
         if self._sweeper is None:
             self._sweeper = asyncio.create_task(self._sweep_forever(), name="session sweeper")
 
@@ -155,7 +150,7 @@ class SessionManager:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await asyncio.gather(*self._deletes, return_exceptions=True)  # ends are kept, also on the way out
+        await self._policy.drain()
         await self.store.close()
 
     async def ensure(self, session_id: str) -> None:
@@ -273,7 +268,7 @@ class SessionManager:
         """
         live = self._lookup(session_id)  # (the caller awaited ensure(session_id) first)
         if live.line.generating:
-            raise FailedPrecondition(f"session {_short(session_id)} is already generating; a session runs one "
+            raise FailedPrecondition(f"session {short_id(session_id)} is already generating; a session runs one "
                                      "generation at a time (wait for it to finish or cancel it)")
         turn = self._join(session_id, generates=True)
         generation = SessionGeneration(self, session_id, turn, params, leave_unchanged,
@@ -309,7 +304,7 @@ class SessionManager:
         async with self._join(session_id):
             record = await self.record_of(session_id)
             info = self._info(record, self._lookup(session_id))
-            await self._end(session_id, CLOSED)
+            await self._policy.end(session_id, CLOSED)
             return info
 
     async def export(self, session_id: str) -> bytes:
@@ -353,9 +348,7 @@ class SessionManager:
 
     async def sweep(self) -> int:
         """Expire every session idle past its TTL now; how many went."""
-        if self.shared:
-            return await self._expire_stored(self.clock())
-        return self._expire_due(self.clock())
+        return await self._policy.sweep()
 
     # --- for SessionGeneration ------------------------------------------------------------------
 
@@ -366,37 +359,22 @@ class SessionManager:
         if record is None:
             why = await self.store.ended(session_id)  # ended by another replica, or lost by the store
             why = self._index.forget(session_id, None, why or "is no longer stored; create a new one")
-            raise NotFound(f"session {_short(session_id)} {why}")
-        if self.shared:  # another replica may have used it since: the stored times are the truth
-            now = self.clock()
-            if record.expires_at <= now and live.line.pending <= 1:  # idle past its TTL, and not by us
-                why = self._index.why(EXPIRED, record)
-                if await self.store.expire(session_id, why, now):
-                    self._index.forget(session_id, EXPIRED, why)
-                    raise NotFound(f"session {_short(session_id)} {why}")
-            live.last_used_at = max(live.last_used_at, record.last_used_at)
-            live.ttl_seconds = record.ttl_seconds
+            raise NotFound(f"session {short_id(session_id)} {why}")
+        await self._policy.refresh(session_id, live, record)
         return record
 
     async def on_engine(self, record: SessionRecord, call: Callable[[SessionEngine], Awaitable[T] | T]
                         ) -> tuple[SessionEngine, T]:
         """`call(engine)` on the engine of the session's own model version (loaded on demand after a hot
-        swap). A version gone from the repository ends the session (NOT_FOUND saying so)."""
+        swap). A version this server does not serve is the policy's (`SessionPolicy.version_missing`)."""
         async def engine() -> SessionEngine:
             try:
                 found = await self.registry.get(record.model, record.version)
             except NotFound:
-                if self.shared:  # another replica may still serve it: this one only cannot
-                    raise FailedPrecondition(
-                        f"session {_short(record.session_id)} is bound to model {record.model} version "
-                        f"{record.version}, which this server does not serve; send it to a replica that does"
-                    ) from None
-                await self._end(record.session_id, MODEL_REMOVED)
-                raise NotFound(f"session {_short(record.session_id)} ended: model {record.model} version "
-                               f"{record.version}, which it was bound to, left the repository") from None
+                raise await self._policy.version_missing(record) from None
             if record.checksum and found.spec.identity != record.checksum:
                 raise FailedPrecondition(
-                    f"session {_short(record.session_id)} is bound to model {record.model} version {record.version} "
+                    f"session {short_id(record.session_id)} is bound to model {record.model} version {record.version} "
                     f"with bundle checksum {record.checksum}; this server's has {found.spec.identity}")
             return found
 
@@ -432,13 +410,11 @@ class SessionManager:
         if live is None:
             why = self._index.why_ended(session_id)
             if why is not None:
-                raise NotFound(f"session {_short(session_id)} {why}")
+                raise NotFound(f"session {short_id(session_id)} {why}")
             if not session_id:
                 raise InvalidArgument(field="session_id", value=session_id, allowed="a session id from CreateSession")
-            raise NotFound(f"unknown session {_short(session_id)}; CreateSession opens one")
-        if not self.shared and not live.line.busy and live.expires_at <= self.clock():
-            why = self._end_soon(session_id, EXPIRED)
-            raise NotFound(f"session {_short(session_id)} {why}")
+            raise NotFound(f"unknown session {short_id(session_id)}; CreateSession opens one")
+        self._policy.expire_if_idle(session_id, live)
         return live
 
     def _join(self, session_id: str, generates: bool = False):
@@ -449,41 +425,9 @@ class SessionManager:
     async def _admit(self, record: SessionRecord) -> Live:
         """Add a new session, first expiring and then evicting (least recently used, idle) to make room.
         The cap counts the store's sessions (with a shared store, every replica's)."""
-        limit = self.limits.max_sessions
-        if self.shared:
-            await self._make_room_in_store(limit)
-        else:
-            if len(self._index) >= limit:
-                self._expire_due(self.clock())
-            while len(self._index) >= limit:
-                victim = self._index.least_recently_used_idle()
-                if victim is None:
-                    raise ResourceExhausted(f"this server holds at most {limit} sessions and every one is busy; "
-                                            "close sessions you no longer need, or retry later")
-                self._end_soon(victim, EVICTED)
+        await self._policy.make_room()
         await self.store.put(record)
         return self._index.add(record)
-
-    async def _make_room_in_store(self, limit: int) -> None:
-        excess = await self.store.count() - limit + 1
-        if excess <= 0:
-            return
-        await self._expire_stored(self.clock())
-        excess = await self.store.count() - limit + 1
-        if excess <= 0:
-            return
-        for victim in await self.store.least_recently_used(excess + 64):
-            if excess <= 0:
-                return
-            live = self._index.get(victim)
-            if live is not None and live.line.busy:
-                continue
-            why = self._index.forget(victim, EVICTED) if live is not None else None
-            await self.store.delete(victim, why or self._index.why_ended(victim) or self._index.why(EVICTED, None))
-            excess -= 1
-        if excess > 0:
-            raise ResourceExhausted(f"the session store holds at most {limit} sessions and every one is busy; "
-                                    "close sessions you no longer need, or retry later")
 
     async def _save(self, record: SessionRecord) -> None:
         if record.session_id not in self._index:
@@ -491,61 +435,11 @@ class SessionManager:
         self._index.resize(record.session_id, record.state_bytes)
         await self.store.put(record)
 
-    async def _end(self, session_id: str, reason: str) -> None:
-        """End a session: forgotten here, deleted from the store (with why) before this returns."""
-        why = self._index.forget(session_id, reason)
-        if why is not None:
-            await self.store.delete(session_id, why)
-
-    def _end_soon(self, session_id: str, reason: str) -> str | None:
-        """`_end` from synchronous code: the store's delete runs in the background. Why it ended."""
-        why = self._index.forget(session_id, reason)
-        if why is not None:
-            delete = asyncio.ensure_future(self._delete_logged(session_id, why))
-            self._deletes.add(delete)
-            delete.add_done_callback(self._deletes.discard)
-        return why
-
-    async def _delete_logged(self, session_id: str, why: str) -> None:
-        try:
-            await self.store.delete(session_id, why)
-        except Exception:  # the record stays; the next restart or sweep ends it again
-            logger.exception("deleting session %s from the store failed", _short(session_id))
-
-    def _expire_due(self, now: float) -> int:
-        expired = 0
-        for session_id in self._index.due(now):
-            self._end_soon(session_id, EXPIRED)
-            expired += 1
-        return expired
-
-    async def _expire_stored(self, now: float) -> int:
-        """A shared store's sessions whose stored idle time ran out (any replica may sweep them)."""
-        expired = 0
-        for session_id in await self.store.due(now):
-            live = self._index.get(session_id)
-            if live is not None and live.line.busy:
-                continue
-            record = await self.store.get(session_id)
-            if record is None:
-                continue
-            why = self._index.why(EXPIRED, record)
-            if await self.store.expire(session_id, why, now):
-                expired += 1
-                if self._index.forget(session_id, EXPIRED, why) is None:
-                    self._index.count_eviction(record.model, EXPIRED)
-                    self._index.remember_end(session_id, why)
-        return expired
-
     async def _sweep_forever(self) -> None:
         while True:
             await asyncio.sleep(self.limits.sweep_seconds)
             try:
-                if self.shared:
-                    await self._expire_stored(self.clock())
-                    self._index.unindex_idle(self.clock())
-                else:
-                    self._expire_due(self.clock())
+                await self._policy.sweep_periodically()
             except Exception:  # never let bookkeeping end the sweeper
                 logger.exception("expiring sessions failed")
 
@@ -589,10 +483,5 @@ class SessionManager:
 
 
 def _aborted(session_id: str, rpc: str) -> Aborted:
-    return Aborted(f"{rpc} on session {_short(session_id)} was not applied: another replica changed the session at "
+    return Aborted(f"{rpc} on session {short_id(session_id)} was not applied: another replica changed the session at "
                    "the same time; retry it (with the same request_id, a retry is applied at most once)")
-
-
-def _short(session_id: str) -> str:
-    """An id for a message: a client's made-up id may be anything, so it is cut and quoted."""
-    return repr(session_id if len(session_id) <= 40 else session_id[:40] + "...")

@@ -154,7 +154,7 @@ def test_labels_used_exist_on_the_metrics_queried(dashboard, defined):
 
 
 def test_dashboard_shows_every_metric_the_server_exports(dashboard, defined):
-    """A metric added to server/metrics.py needs a panel (DESIGN.md §7: a dashboard of the metrics)."""
+    """A metric added to server/metrics.py needs a panel (the provisioned dashboard shows every metric)."""
     shown = {defined.resolve(name) for _, expr, _ in panel_queries(dashboard) for name in METRIC_NAME.findall(expr)}
     assert not set(defined.types) - shown, f"metrics with no panel: {sorted(set(defined.types) - shown)}"
 

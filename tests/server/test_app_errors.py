@@ -1,5 +1,6 @@
-"""DESIGN.md §4's error table, one test per row, against a real server on tiny bundles: each situation gets
-its status code and a message naming the field, the value and what is allowed; none disturbs other rows.
+"""The README's error table (Serving > Errors), one test per row, against a real server on tiny bundles: each
+situation gets its status code and a message naming the field, the value and what is allowed; none disturbs
+other rows.
 """
 
 from __future__ import annotations
