@@ -481,7 +481,9 @@ class _Given:
         del trimmed.chunk.top_log_probs[:skip]
         trimmed.chunk.first_token_index = chunk.first_token_index + skip
         trimmed.chunk.text = new_text
-        self.text, self.ids = max(self.text, self._text, key=len), max(self.ids, self._ids, key=len)
+        # Grow what was given out by this attempt's lead (one list of its own: the attempt's list grows in place).
+        self.text = max(self.text, self._text, key=len)
+        self.ids.extend(self._ids[len(self.ids):])
         return trimmed
 
 

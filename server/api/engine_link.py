@@ -275,8 +275,8 @@ class RemoteRegistry:
 
     def models(self) -> list[ModelStatus]:
         table = self.link.table
-        if table is None or not self.link.up:
-            return []
+        if table is None or not self.link.up:  # not "no models" (OK / NOT_FOUND, which clients do not retry)
+            raise _engine_gone()
         statuses = []
         for entry in table.models:
             spec = None

@@ -93,12 +93,15 @@ class InferenceServicer:
         return oip.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context):
+        if not self._registry.started:  # (an API process whose engine process is away): not ready, not an error
+            return oip.ServerReadyResponse(ready=False)
         statuses = self._registry.models()
-        return oip.ServerReadyResponse(ready=bool(self._registry.started and statuses
-                                                  and all(s.serving_version is not None for s in statuses)))
+        return oip.ServerReadyResponse(ready=bool(statuses and all(s.serving_version is not None for s in statuses)))
 
     async def ModelReady(self, request, context):
         version = _version(request.version, "version")
+        if not self._registry.started:
+            return oip.ModelReadyResponse(ready=False)
         status = next((s for s in self._registry.models() if s.name == request.name), None)
         if status is None:
             return oip.ModelReadyResponse(ready=False)

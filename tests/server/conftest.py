@@ -17,12 +17,13 @@ def stub(server):
 
 @pytest.fixture(scope="session")
 def export_tiny_models(tiny_runs):
-    """export(repository, options=None): tiny-lm (the tiny LSTM LM) and tiny-g2p (the tiny GRU translator)
-    into `repository`, exported on one torch thread."""
-    return lambda repository, options=None: _export_tiny_models(tiny_runs, repository, options)
+    """export(repository, options=None, lm_names=("tiny-lm",)): the tiny LSTM LM under each of `lm_names`
+    and tiny-g2p (the tiny GRU translator) into `repository`, exported on one torch thread."""
+    return lambda repository, options=None, lm_names=("tiny-lm",): _export_tiny_models(tiny_runs, repository,
+                                                                                        options, lm_names)
 
 
-def _export_tiny_models(tiny_runs, repository, options) -> None:
+def _export_tiny_models(tiny_runs, repository, options, lm_names) -> None:
     import torch
 
     from exporters.bundle import ExportOptions, export_run
@@ -33,7 +34,8 @@ def _export_tiny_models(tiny_runs, repository, options) -> None:
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        export_run(tiny_runs["lstm", "lm"], repository, "tiny-lm", options=options)
+        for name in lm_names:
+            export_run(tiny_runs["lstm", "lm"], repository, name, options=options)
         export_run(tiny_runs["gru", "seq2seq"], repository, "tiny-g2p", options=options)
     finally:
         torch.set_num_threads(before)

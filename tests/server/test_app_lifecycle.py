@@ -10,13 +10,13 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 from pathlib import Path
 
 import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from live import Reader, wait_for
 
 from bench.services import ServeProcess
 from exporters.bundle import ExportOptions, export_run
@@ -51,34 +51,6 @@ def export(run, repository: Path, version: int) -> Path:
 def long_request(tokens: int = LONG_TOKENS) -> pb.GenerateRequest:
     return pb.GenerateRequest(model="tiny-lm", prompt="the", options=pb.DecodingOptions(
         max_new_tokens=tokens, min_new_tokens=tokens))
-
-
-class Reader(threading.Thread):
-    """Reads a stream to its end in the background; `finished` is set when its last message arrived."""
-
-    def __init__(self, call):
-        super().__init__(daemon=True)
-        self.call, self.responses, self.error = call, [], None
-        self.finished = threading.Event()
-        self.start()
-
-    def run(self):
-        try:
-            for response in self.call:
-                self.responses.append(response)
-        except grpc.RpcError as error:
-            self.error = error
-        self.finished.set()
-
-
-def wait_for(condition, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def test_hot_swap_keeps_in_flight_streams_on_their_version(lm_run, tmp_path):
