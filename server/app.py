@@ -320,9 +320,10 @@ def _session_limits(config: ServerConfig) -> SessionLimits:
                          history_tokens=config.max_input_tokens + 1 + config.max_new_tokens)
 
 
-def make_registry(config: ServerConfig, metrics: Metrics) -> ModelRegistry:
-    """The model registry a server's config describes (not started)."""
+def make_registry(config: ServerConfig, metrics: Metrics, *, decode_thread: bool = True) -> ModelRegistry:
+    """The model registry a server's config describes (not started); `decode_thread`: see EngineConfig."""
     engine_config = EngineConfig(max_rows=config.max_rows_per_step, max_queued=config.max_queue,
+                                 decode_thread=decode_thread,
                                  limits=config.request_limits(),
                                  prefix_cache_bytes=config.prefix_cache_bytes,
                                  prefix_cache_stride=config.prefix_cache_stride,

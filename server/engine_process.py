@@ -104,7 +104,7 @@ class EngineProcess:
 
         self.config = config
         self.metrics = metrics or Metrics()
-        self.registry: ModelRegistry = make_registry(config, self.metrics)
+        self.registry: ModelRegistry = make_registry(config, self.metrics, decode_thread=False)
         self.sessions: SessionManager = make_sessions(config, self.registry, self.metrics)
         self.sequences = SequenceMap()
         self.endpoint = f"ipc://{runtime / ipc.ENGINE_SOCKET}"

@@ -24,6 +24,11 @@ class EngineConfig:
     # Bytes of prompt-prefix states kept for reuse (`server.engine.prefix_cache`); 0 = no prefix cache.
     prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES
     prefix_cache_stride: int = 64  # a long prompt's state is also kept every this many tokens
+    # The decode call on a thread of its own, beside the admission's prefill and the delivery of the last
+    # step's events, which then cost the step nothing; the price is a hand-over between threads every step.
+    # Worth it where this process's event loop has the streams to serve (one process for everything); an
+    # engine process of several serves none, and hands over for nothing (docs/architecture.md, "Processes").
+    decode_thread: bool = True
     # A waiting request rises one priority level for every this many seconds it waits (up to max_priority),
     # so low priorities are never starved; 0 = strict priorities, no aging.
     priority_aging_seconds: float = 5.0
@@ -52,4 +57,4 @@ class EngineConfig:
             raise ValueError(f"engine setting priority_aging_seconds must be >= 0 (0 = no aging), got {aging!r}")
 
 
-_NOT_POSITIVE = frozenset({"io_binding", "limits", "prefix_cache_bytes", "priority_aging_seconds"})
+_NOT_POSITIVE = frozenset({"io_binding", "limits", "prefix_cache_bytes", "priority_aging_seconds", "decode_thread"})

@@ -73,7 +73,7 @@ class EngineCore:
     """The batch, the decoding state of its rows, and the step that advances them."""
 
     def __init__(self, bundle: LoadedBundle, runner: Runner, constraints: ConstraintSettings | None = None,
-                 prefix_cache: PrefixCache | None = None):
+                 prefix_cache: PrefixCache | None = None, decode_thread: bool = True):
         spec = bundle.spec
         self.runner = runner
         self.is_lm = spec.is_lm
@@ -85,7 +85,10 @@ class EngineCore:
         self.chooser = TokenChooser(self.eos_id)
         self.constraint_settings = constraints or ConstraintSettings()
         self.prefix_cache = prefix_cache if prefix_cache is not None and prefix_cache.enabled else None
-        self._decoder: ThreadPoolExecutor | None = None  # runs the batch's decode call during an admission
+        # The batch's decode call runs on a thread of its own beside an admission's prefill and the delivery
+        # of the last step's events (`decode_thread`); without it, on the worker, after them.
+        self.decode_thread = decode_thread
+        self._decoder: ThreadPoolExecutor | None = None
         self._in_flight: Future | None = None
         self._joining: _Joining | None = None
         self.reset()
@@ -129,7 +132,7 @@ class EngineCore:
             self._drop(dropped, result)
         if plan.park:
             self._park([e.slot for e in plan.park])
-        if len(self.batch) and (plan.admit or decode_started is not None):
+        if len(self.batch) and self.decode_thread and (plan.admit or decode_started is not None):
             if self._decoder is None:
                 self._decoder = ThreadPoolExecutor(1, thread_name_prefix="engine-decode")
             calling = threading.Event()

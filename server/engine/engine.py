@@ -63,7 +63,8 @@ class ModelEngine:
         self.prefix_cache = PrefixCache(config.prefix_cache_bytes, config.prefix_cache_stride, CacheMetrics(
             m.prefix_cache_hit_tokens_total, m.prefix_cache_hits, m.prefix_cache_misses, m.prefix_cache_bytes,
             m.prefix_cache_evictions_total))
-        self._core = EngineCore(bundle, self.runner, config.limits.constraints, self.prefix_cache)
+        self._core = EngineCore(bundle, self.runner, config.limits.constraints, self.prefix_cache,
+                                decode_thread=config.decode_thread)
         self._provider = bundle.providers[0] if bundle.providers else "none"
         self._lock = threading.Condition()  # guards the scheduler and the stop flag; wakes the worker
         self._thread: threading.Thread | None = None

@@ -156,7 +156,8 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_crowd(tiny):
     assert alone.generated_ids == reference(model, [prompt], params)[0][0].tokens
 
 
-def test_64_concurrent_mixed_requests_are_each_correct(tiny):
+@pytest.mark.parametrize("decode_thread", [True, False], ids=["decode-thread", "one-thread"])
+def test_64_concurrent_mixed_requests_are_each_correct(tiny, decode_thread):
     model, bundle_dir = tiny["lm"]
     tokenizer = load_bundle(bundle_dir).tokenizer("text")
     rng = random.Random(3)
@@ -170,7 +171,8 @@ def test_64_concurrent_mixed_requests_are_each_correct(tiny):
         plans.append((prompt, params))
     requests = [GenerationRequest(f"m{i}", p, params) for i, (p, params) in enumerate(plans)]
     # Fewer rows than the requests need: they queue, join mid-stream and leave as they finish.
-    events = run_engine(bundle_dir, requests, EngineConfig(max_rows=40, max_prefill_tokens=64))
+    events = run_engine(bundle_dir, requests, EngineConfig(max_rows=40, max_prefill_tokens=64,
+                                                           decode_thread=decode_thread))
     for event, (prompt, params) in zip(events, plans, strict=True):
         assert_same([event], [reference(model, [prompt], params)[0]])
         assert event.prompt_tokens == len(prompt)
