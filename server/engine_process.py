@@ -37,13 +37,7 @@ logger = logging.getLogger(__name__)
 
 
 class _Peer(Consumer):
-    """One API process as the engines' consumer: its requests' outputs go to it over the socket.
-
-    At most `ipc.OUT_WINDOW` OUT messages are on their way to it at a time (it answers each with ACK once
-    its streams have them): what the steps produce meanwhile waits here, merged into one message. An API
-    process that keeps up gets every step as it ends; one that is busy gets several steps at once, so
-    the tokens that piled up for a stream leave it in one gRPC message instead of one each.
-    """
+    """One API process as the engines' consumer: its requests' outputs go to it over the socket."""
 
     def __init__(self, host: EngineProcess, identity: bytes, index: int, pid: int):
         super().__init__()
@@ -52,14 +46,12 @@ class _Peer(Consumer):
         self.requests: dict[int, tuple] = {}  # key -> (engine, slot) of a generation or translation
         self.generations: dict[int, SessionGeneration] = {}  # key -> a session generation it asked for
         self._posted: list[tuple[int, object]] = []  # session generations' events, sent once per loop pass
-        self._in_flight = 0  # OUT messages sent and not yet acknowledged
-        self._waiting: list[StepOutput] = []  # outputs held back while the window is full
 
     def deliver(self, output: StepOutput) -> None:
         for key, item in output.events:
             if isinstance(item, (FinishEvent, BaseException)):
                 self.requests.pop(key, None)
-        self._send(output)
+        self.host.send(self.identity, ipc.OUT, output)
 
     def post(self, key: int, item) -> None:
         """An event (or error) of one key outside any engine step; the pass's events leave together."""
@@ -67,23 +59,9 @@ class _Peer(Consumer):
             asyncio.get_running_loop().call_soon(self._flush)
         self._posted.append((key, item))
 
-    def acknowledged(self) -> None:
-        """The API process has the oldest OUT message: send what waited, merged."""
-        self._in_flight = max(0, self._in_flight - 1)
-        if self._waiting:
-            waiting, self._waiting = self._waiting, []
-            self._send(StepOutput.merge(waiting))
-
     def _flush(self) -> None:
         events, self._posted = self._posted, []
-        self._send(StepOutput(_NO_IDS, _NO_IDS, events))
-
-    def _send(self, output: StepOutput) -> None:
-        if self._in_flight >= ipc.OUT_WINDOW:
-            self._waiting.append(output)
-            return
-        self._in_flight += 1
-        self.host.send(self.identity, ipc.OUT, output)
+        self.host.send(self.identity, ipc.OUT, StepOutput(_NO_IDS, _NO_IDS, events))
 
     def end(self) -> None:
         """The API process is gone: its requests stop (session generations park what they made)."""
@@ -93,7 +71,6 @@ class _Peer(Consumer):
             generation.cancel()
         self.requests.clear()
         self.generations.clear()
-        self._waiting.clear()
 
 
 class EngineProcess:
@@ -179,7 +156,7 @@ class EngineProcess:
     async def _read_forever(self) -> None:
         handlers = {ipc.HELLO: self._hello, ipc.CALL: self._call, ipc.SUBMIT: self._submit,
                     ipc.SESSION_GENERATE: self._session_generate, ipc.CANCEL: self._cancel, ipc.TAKEN: self._taken,
-                    ipc.ACK: lambda peer, payload: peer.acknowledged(), ipc.BEAT: lambda peer, payload: None}
+                    ipc.BEAT: lambda peer, payload: None}
         while True:
             frames = await self._socket.recv_multipart(copy=False)
             identity = frames[0].bytes

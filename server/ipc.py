@@ -13,13 +13,11 @@ API process -> engine process (a DEALER socket, identity `api-N`):
   SESSION_GENERATE (key, session_id, params, leave_unchanged, request_id, retry_id, priority)
   CANCEL (key)                    the client left: drop the request's rows at the next step
   TAKEN (key)                     a session generation's caller took its finish (its session goes on)
-  ACK ()                          an OUT message reached this process's streams (see OUT_WINDOW)
   BEAT ()                         alive (an API process silent for long has its requests cancelled)
 engine process -> API process (a ROUTER socket):
   MODELS (table)                  the models and loaded versions, after HELLO and after every change
   REPLY (call_id, ok, value)      a CALL's result, or (ok false) the error it raised
-  OUT (StepOutput)                one step's outputs for this process's streams, keyed by their keys; at
-                                  most OUT_WINDOW unacknowledged: the steps that end meanwhile go together
+  OUT (StepOutput)                one step's outputs for this process's streams, keyed by their keys
 """
 
 from __future__ import annotations
@@ -27,12 +25,11 @@ from __future__ import annotations
 import pickle
 from dataclasses import dataclass
 
-HELLO, CALL, SUBMIT, SESSION_GENERATE, CANCEL, TAKEN, ACK, BEAT = (
-    b"hello", b"call", b"submit", b"session_generate", b"cancel", b"taken", b"ack", b"beat")
+HELLO, CALL, SUBMIT, SESSION_GENERATE, CANCEL, TAKEN, BEAT = (b"hello", b"call", b"submit", b"session_generate",
+                                                               b"cancel", b"taken", b"beat")
 MODELS, REPLY, OUT = b"models", b"reply", b"out"
 
 ENGINE_SOCKET = "engine.sock"  # in the server's runtime directory
-OUT_WINDOW = 1  # OUT messages on their way to an API process at a time (see `server.engine_process._Peer`)
 BEAT_SECONDS = 1.0  # how often an API process says it is alive
 SILENT_SECONDS = 15.0  # an API process not heard from for this long is gone: its requests are cancelled
 

@@ -126,7 +126,6 @@ class EngineLink:
                 kind, payload = ipc.decode(frames)
                 if kind == ipc.OUT:
                     self.streams.deliver(payload)
-                    self.send_quietly(ipc.ACK, ())
                 elif kind == ipc.REPLY:
                     call_id, ok, value = payload
                     future = self._calls.get(call_id)

@@ -339,15 +339,6 @@ class StepOutput:
     def __len__(self) -> int:
         return len(self.keys) + len(self.events)
 
-    @staticmethod
-    def merge(outputs: list[StepOutput]) -> StepOutput:
-        """Several steps' outputs, in order, as one: every plain token, then every event. A key's events end
-        its stream (a finish, an error), so none of its tokens can follow them: the order per key holds."""
-        if len(outputs) == 1:
-            return outputs[0]
-        return StepOutput(np.concatenate([o.keys for o in outputs]), np.concatenate([o.tokens for o in outputs]),
-                          [event for o in outputs for event in o.events])
-
 
 _CONSUMER_IDS = itertools.count()
 
