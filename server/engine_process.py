@@ -15,12 +15,9 @@ import asyncio
 import logging
 import os
 import signal
-import time
 from pathlib import Path
 
 import numpy as np
-import zmq
-import zmq.asyncio
 
 from server import ipc
 from server.config import ServerConfig
@@ -37,12 +34,15 @@ logger = logging.getLogger(__name__)
 
 
 class _Peer(Consumer):
-    """One API process as the engines' consumer: its requests' outputs go to it over the socket."""
+    """One API process, on its connection: the engines' consumer of its requests' outputs, sent to it
+    as each step ends; what it asks comes in as messages."""
 
-    def __init__(self, host: EngineProcess, identity: bytes, index: int, pid: int):
+    def __init__(self, host: EngineProcess):
         super().__init__()
-        self.host, self.identity, self.index, self.pid = host, identity, index, pid
-        self.heard = time.monotonic()
+        self.host = host
+        self.index: int | None = None  # from its HELLO
+        self.pid: int | None = None
+        self.connection = ipc.Connection(self._received, self._lost)
         self.requests: dict[int, tuple] = {}  # key -> (engine, slot) of a generation or translation
         self.generations: dict[int, SessionGeneration] = {}  # key -> a session generation it asked for
         self._posted: list[tuple[int, object]] = []  # session generations' events, sent once per loop pass
@@ -51,7 +51,7 @@ class _Peer(Consumer):
         for key, item in output.events:
             if isinstance(item, (FinishEvent, BaseException)):
                 self.requests.pop(key, None)
-        self.host.send(self.identity, ipc.OUT, output)
+        self.connection.send(ipc.OUT, output)
 
     def post(self, key: int, item) -> None:
         """An event (or error) of one key outside any engine step; the pass's events leave together."""
@@ -61,7 +61,13 @@ class _Peer(Consumer):
 
     def _flush(self) -> None:
         events, self._posted = self._posted, []
-        self.host.send(self.identity, ipc.OUT, StepOutput(_NO_IDS, _NO_IDS, events))
+        self.connection.send(ipc.OUT, StepOutput(_NO_IDS, _NO_IDS, events))
+
+    def _received(self, kind: str, payload) -> None:
+        self.host.handle(self, kind, payload)
+
+    def _lost(self, error: Exception | None) -> None:
+        self.host.lost(self)
 
     def end(self) -> None:
         """The API process is gone: its requests stop (session generations park what they made)."""
@@ -84,14 +90,13 @@ class EngineProcess:
         self.registry: ModelRegistry = make_registry(config, self.metrics, decode_thread=False)
         self.sessions: SessionManager = make_sessions(config, self.registry, self.metrics)
         self.sequences = SequenceMap()
-        self.endpoint = f"ipc://{runtime / ipc.ENGINE_SOCKET}"
-        self._socket_path = runtime / ipc.ENGINE_SOCKET
-        self._context = zmq.asyncio.Context()
-        self._socket: zmq.asyncio.Socket | None = None
-        self._peers: dict[bytes, _Peer] = {}
+        self.socket_path = runtime / ipc.ENGINE_SOCKET
+        self._server: asyncio.AbstractServer | None = None
+        self._peers: set[_Peer] = set()
         self._tasks: set[asyncio.Task] = set()
-        self._reader: asyncio.Task | None = None
         self._watchers: list[asyncio.Task] = []
+        self._handlers = {ipc.CALL: self._call, ipc.SUBMIT: self._submit, ipc.SESSION_GENERATE: self._session_generate,
+                          ipc.CANCEL: self._cancel, ipc.TAKEN: self._taken}
         self._table: ipc.ModelTable | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -103,34 +108,29 @@ class EngineProcess:
         except StoreUnavailable:
             await self.registry.stop(0)
             raise
-        socket = self._socket = self._context.socket(zmq.ROUTER)
-        socket.setsockopt(zmq.SNDHWM, 0)  # never drop or block an output: its size is bounded by the streams
-        socket.setsockopt(zmq.RCVHWM, 0)
-        socket.setsockopt(zmq.LINGER, 0)
-        self._socket_path.unlink(missing_ok=True)  # an earlier engine process's
-        socket.bind(self.endpoint)
-        os.chmod(self._socket_path, 0o600)
         self._table = self._model_table()
-        self._reader = asyncio.create_task(self._read_forever(), name="engine ipc reader")
-        self._watchers = [asyncio.create_task(self._watch_peers(), name="engine peer watch")]
+        self.socket_path.unlink(missing_ok=True)  # an earlier engine process's
+        self._server = await asyncio.get_running_loop().create_unix_server(self._connected, str(self.socket_path))
+        os.chmod(self.socket_path, 0o600)
+        self._watchers = [asyncio.create_task(self._watch_table(), name="engine table watch")]
         if self.config.poll_interval_seconds > 0:
             self._watchers.append(asyncio.create_task(self._poll_forever(), name="repository poll"))
-        logger.info("engine process ready on %s", self.endpoint, extra={"event": "engine_ready"})
+        logger.info("engine process ready on %s", self.socket_path, extra={"event": "engine_ready"})
 
     async def stop(self, grace: float) -> None:
-        for task in (*self._watchers, self._reader):
-            if task is not None:
-                task.cancel()
-        for peer in self._peers.values():
+        for task in self._watchers:
+            task.cancel()
+        if self._server is not None:
+            self._server.close()
+        for peer in list(self._peers):
             peer.end()
         await self.sessions.stop()
         await self.registry.stop(grace)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._socket is not None:
-            self._socket.close(0)
-        self._context.term()
+        for peer in list(self._peers):
+            peer.connection.close()
 
     async def run(self, ready=None) -> int:
         """Serve the API processes until SIGTERM; `ready()` is called once they can connect."""
@@ -144,46 +144,37 @@ class EngineProcess:
         await self.stop(self.config.drain_grace_seconds)
         return 0
 
-    # --- the socket -----------------------------------------------------------------------------
+    # --- the connections ------------------------------------------------------------------------
 
-    def send(self, identity: bytes, kind: bytes, payload) -> None:
-        if self._socket is None or self._socket.closed:
-            return
-        sent = self._socket.send_multipart([identity, *ipc.encode(kind, payload)], copy=False)
-        if sent.done() and sent.exception() is not None:
-            logger.warning("sending to %s failed: %s", identity, sent.exception())
+    def _connected(self) -> ipc.Connection:
+        peer = _Peer(self)
+        self._peers.add(peer)
+        return peer.connection
 
-    async def _read_forever(self) -> None:
-        handlers = {ipc.HELLO: self._hello, ipc.CALL: self._call, ipc.SUBMIT: self._submit,
-                    ipc.SESSION_GENERATE: self._session_generate, ipc.CANCEL: self._cancel, ipc.TAKEN: self._taken,
-                    ipc.BEAT: lambda peer, payload: None}
-        while True:
-            frames = await self._socket.recv_multipart(copy=False)
-            identity = frames[0].bytes
-            try:
-                kind, payload = ipc.decode(frames[1:])
-                peer = self._peers.get(identity)
-                if kind == ipc.HELLO:
-                    self._hello(identity, payload)
-                elif peer is None:
-                    logger.warning("a message from %r, which said no HELLO; ignored", identity)
-                else:
-                    peer.heard = time.monotonic()
-                    handlers[kind](peer, payload)
-            except Exception:  # one bad message must not end the engine's reader
-                logger.exception("message from %r failed", identity)
+    def handle(self, peer: _Peer, kind: str, payload) -> None:
+        """A message from an API process (on the event loop, as it arrives)."""
+        if kind == ipc.HELLO:
+            self._hello(peer, payload)
+        elif peer.index is None:
+            logger.warning("a %s message from an API process that said no HELLO; ignored", kind)
+        else:
+            self._handlers[kind](peer, payload)
 
-    def _hello(self, identity: bytes, payload) -> None:
+    def lost(self, peer: _Peer) -> None:
+        """An API process closed its connection (it ended or died): what it asked for stops."""
+        self._peers.discard(peer)
+        peer.end()
+
+    def _hello(self, peer: _Peer, payload) -> None:
         index, pid = payload
-        for old in [p for p in self._peers.values() if p.index == index and p.identity != identity]:
-            logger.info("API process %d restarted (pid %d -> %d); ending what the old one left running",
+        for old in [p for p in self._peers if p.index == index and p is not peer]:
+            logger.info("API process %d restarted (pid %s -> %d); ending what the old one left running",
                         index, old.pid, pid)
+            self._peers.discard(old)
             old.end()
-            del self._peers[old.identity]
-        peer = self._peers.get(identity)
-        if peer is None:
-            peer = self._peers[identity] = _Peer(self, identity, index, pid)
-        self.send(identity, ipc.MODELS, self._table)
+            old.connection.close()
+        peer.index, peer.pid = index, pid
+        peer.connection.send(ipc.MODELS, self._table)
 
     def _spawn(self, coroutine, name: str) -> None:
         task = asyncio.create_task(coroutine, name=name)
@@ -267,7 +258,7 @@ class EngineProcess:
             reply = (call_id, True, value)
         except Exception as error:  # noqa: BLE001 - raised again in the API process
             reply = (call_id, False, _answerable(error))
-        self.send(peer.identity, ipc.REPLY, reply)
+        peer.connection.send(ipc.REPLY, reply)
 
     def _method(self, name: str):
         methods = {
@@ -316,8 +307,9 @@ class EngineProcess:
         if table == self._table:
             return
         self._table = table
-        for identity in self._peers:
-            self.send(identity, ipc.MODELS, table)
+        for peer in self._peers:
+            if peer.index is not None:
+                peer.connection.send(ipc.MODELS, table)
 
     async def _poll_forever(self) -> None:
         while True:
@@ -328,17 +320,10 @@ class EngineProcess:
                 logger.exception("polling the model repository failed")
             self._publish()
 
-    async def _watch_peers(self) -> None:
-        """End the requests of API processes not heard from in `SILENT_SECONDS` (gone without a word), and
-        publish the table when a retiring version stopped."""
+    async def _watch_table(self) -> None:
+        """Publish the table when it changed outside a call (a retiring version stopped, say)."""
         while True:
-            await asyncio.sleep(ipc.BEAT_SECONDS)
-            now = time.monotonic()
-            for identity, peer in list(self._peers.items()):
-                if now - peer.heard > ipc.SILENT_SECONDS:
-                    logger.warning("API process %d (pid %d) is silent; ending its requests", peer.index, peer.pid)
-                    peer.end()
-                    del self._peers[identity]
+            await asyncio.sleep(1.0)
             self._publish()
 
 

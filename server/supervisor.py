@@ -308,7 +308,7 @@ async def _run_child(role: str, config: ServerConfig, runtime: Path, ready) -> N
             from server.api.engine_link import EngineLink
             from server.app import App
 
-            link = EngineLink(f"ipc://{runtime / ipc.ENGINE_SOCKET}", int(role.removeprefix("api-")))
+            link = EngineLink(runtime / ipc.ENGINE_SOCKET, int(role.removeprefix("api-")))
             status = await App(config, engine_link=link).run(on_started=ready, signals=(signal.SIGTERM,))
     except ConfigError as error:
         print(f"error {error}", flush=True)  # the supervisor raises it

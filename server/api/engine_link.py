@@ -6,10 +6,10 @@ Generations and translations are streams in this process (`RequestStream`, in th
 the engine sends each step's outputs for all of them in one message, plain tokens as arrays, and the
 text is made here when a stream's writer takes them. Everything else is a call answered by a reply.
 
-While the engine process is gone (killed, restarting) every call and stream fails at once with
-UNAVAILABLE, and new ones are refused the same way; when it is back the link says HELLO again and
-serves as before. Messages are never queued for an engine that is not connected (ZMQ_IMMEDIATE), so an
-operation refused here is never applied there later.
+While the engine process is gone (killed, restarting: its end of the connection closes) every call and
+stream fails at once with UNAVAILABLE, and new ones are refused the same way; when it is back the link
+connects, says HELLO again and serves as before. Nothing is queued for an engine that is not connected,
+so an operation refused here is never applied there later.
 """
 
 from __future__ import annotations
@@ -22,10 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import zmq
-import zmq.asyncio
 from tokenizers import Tokenizer
-from zmq.utils.monitor import parse_monitor_message
 
 from seqserve.bundle.spec import ModelSpec
 from seqserve.v1.manifest_pb2 import Manifest
@@ -41,65 +38,48 @@ logger = logging.getLogger(__name__)
 
 
 class EngineLink:
-    """One DEALER socket to the engine process, its calls in flight, and this process's streams."""
+    """The connection to the engine process (its Unix socket at `path`), the calls in flight on it, and this
+    process's streams. It connects again, and says HELLO again, whenever the engine process comes back."""
 
-    def __init__(self, endpoint: str, index: int):
-        self.endpoint, self.index = endpoint, index
+    def __init__(self, path: str | os.PathLike[str], index: int):
+        self.path, self.index = str(path), index
         self.streams = StreamTable()
         self.table: ipc.ModelTable | None = None
         self.up = False
         self.on_change: list[Callable[[], None]] = []  # called when the table changes or the engine comes or goes
         self._keys = itertools.count(1)
         self._calls: dict[int, asyncio.Future] = {}
-        self._context = zmq.asyncio.Context()
-        self._socket: zmq.asyncio.Socket | None = None
-        self._tasks: list[asyncio.Task] = []
+        self._connection: ipc.Connection | None = None
+        self._connector: asyncio.Task | None = None
         self._first_table: asyncio.Future | None = None
+        self._stopping = False
 
     async def start(self, timeout: float = 120.0) -> None:
         """Connect and wait for the model table (the engine process is up)."""
-        socket = self._socket = self._context.socket(zmq.DEALER)
-        socket.setsockopt(zmq.IDENTITY, f"api-{self.index}-{os.getpid()}".encode())
-        socket.setsockopt(zmq.IMMEDIATE, 1)  # nothing is queued for an engine that is not there
-        socket.setsockopt(zmq.SNDHWM, 0)
-        socket.setsockopt(zmq.RCVHWM, 0)
-        socket.setsockopt(zmq.LINGER, 0)
-        socket.setsockopt(zmq.RECONNECT_IVL, 50)
-        socket.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
-        monitor = socket.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         self._first_table = asyncio.get_running_loop().create_future()
-        socket.connect(self.endpoint)
-        self._tasks = [asyncio.create_task(self._read_forever(), name="engine link reader"),
-                       asyncio.create_task(self._watch(monitor), name="engine link watch"),
-                       asyncio.create_task(self._beat_forever(), name="engine link beat")]
+        self._connector = asyncio.create_task(self._connect(), name="engine link connect")
         try:
             await asyncio.wait_for(asyncio.shield(self._first_table), timeout)
         except asyncio.TimeoutError:
-            raise Unavailable(f"the engine process at {self.endpoint} did not answer in {timeout:.0f} s") from None
+            raise Unavailable(f"the engine process at {self.path} did not answer in {timeout:.0f} s") from None
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._stopping = True
+        if self._connector is not None:
+            self._connector.cancel()
         self._down("the server is shutting down")
-        if self._socket is not None:
-            self._socket.disable_monitor()
-            self._socket.close(0)
-        self._context.term()
+        if self._connection is not None:
+            self._connection.close()
 
     def new_key(self) -> int:
         return next(self._keys)
 
-    def send(self, kind: bytes, payload) -> None:
-        """Send now, or raise UNAVAILABLE when the engine process is not connected."""
-        if not self.up or self._socket is None:
+    def send(self, kind: str, payload) -> None:
+        """Send now, or raise UNAVAILABLE when the engine process is not connected (nothing waits for it)."""
+        if not self.up or self._connection is None or not self._connection.send(kind, payload):
             raise _engine_gone()
-        try:
-            self._socket.send_multipart(ipc.encode(kind, payload), flags=zmq.NOBLOCK, copy=False)
-        except zmq.Again:
-            raise _engine_gone() from None
 
-    def send_quietly(self, kind: bytes, payload) -> None:
+    def send_quietly(self, kind: str, payload) -> None:
         """Send if connected (a cancel or a receipt the engine cannot miss: a lost engine forgot the request)."""
         try:
             self.send(kind, payload)
@@ -116,49 +96,47 @@ class EngineLink:
         finally:
             self._calls.pop(call_id, None)
 
-    # --- the socket -------------------------------------------------------------------------------
+    # --- the connection ---------------------------------------------------------------------------
 
-    async def _read_forever(self) -> None:
-        socket = self._socket
-        while True:
-            frames = await socket.recv_multipart(copy=False)
+    async def _connect(self) -> None:
+        """Connect (trying again while the engine process is not there), then say who this is: the engine
+        process answers with its table, and the link is up."""
+        loop = asyncio.get_running_loop()
+        while not self._stopping:
             try:
-                kind, payload = ipc.decode(frames)
-                if kind == ipc.OUT:
-                    self.streams.deliver(payload)
-                elif kind == ipc.REPLY:
-                    call_id, ok, value = payload
-                    future = self._calls.get(call_id)
-                    if future is not None and not future.done():
-                        if ok:
-                            future.set_result(value)
-                        else:
-                            future.set_exception(value)
-                elif kind == ipc.MODELS:
-                    self.table, self.up = payload, True
-                    if not self._first_table.done():
-                        self._first_table.set_result(None)
-                    self._changed()
-            except Exception:  # one bad message must not end the reader
-                logger.exception("a message from the engine process failed")
+                _, connection = await loop.create_unix_connection(
+                    lambda: ipc.Connection(self._received, self._lost), self.path)
+            except OSError:  # not there yet, or restarting
+                await asyncio.sleep(_RECONNECT_SECONDS)
+                continue
+            self._connection = connection
+            connection.send(ipc.HELLO, (self.index, os.getpid()))
+            return
 
-    async def _watch(self, monitor) -> None:
-        try:
-            while True:
-                event = parse_monitor_message(await monitor.recv_multipart())["event"]
-                if event == zmq.EVENT_CONNECTED:
-                    # A new engine process (or the first): say who this is; it answers with its table.
-                    self._socket.send_multipart(ipc.encode(ipc.HELLO, (self.index, os.getpid())))
-                elif event == zmq.EVENT_DISCONNECTED:
-                    logger.warning("the engine process disconnected; calls fail with UNAVAILABLE until it is back")
-                    self._down("the engine process is not running (it is restarting); retry")
-        finally:
-            monitor.close(0)
+    def _received(self, kind: str, payload) -> None:
+        if kind == ipc.OUT:
+            self.streams.deliver(payload)
+        elif kind == ipc.REPLY:
+            call_id, ok, value = payload
+            future = self._calls.get(call_id)
+            if future is not None and not future.done():
+                if ok:
+                    future.set_result(value)
+                else:
+                    future.set_exception(value)
+        elif kind == ipc.MODELS:
+            self.table, self.up = payload, True
+            if not self._first_table.done():
+                self._first_table.set_result(None)
+            self._changed()
 
-    async def _beat_forever(self) -> None:
-        while True:
-            await asyncio.sleep(ipc.BEAT_SECONDS)
-            self.send_quietly(ipc.BEAT, ())
+    def _lost(self, error: Exception | None) -> None:
+        self._connection = None
+        if self._stopping:
+            return
+        logger.warning("the engine process disconnected; calls fail with UNAVAILABLE until it is back")
+        self._down("the engine process is not running (it is restarting); retry")
+        self._connector = asyncio.ensure_future(self._connect())
 
     def _down(self, why: str) -> None:
         was_up, self.up = self.up, False
@@ -173,6 +151,9 @@ class EngineLink:
     def _changed(self) -> None:
         for callback in self.on_change:
             callback()
+
+
+_RECONNECT_SECONDS = 0.05  # between tries to reach an engine process that is not (yet) listening
 
 
 def _engine_gone() -> Unavailable:
