@@ -217,7 +217,8 @@ def run(args) -> int:
         scratch = Path(scratch_dir)
         logs = Path(args.logs) if args.logs else scratch
         logs.mkdir(parents=True, exist_ok=True)
-        targets = [start_seqserve("seqserve", REPO_ROOT, repository, logs, env)]
+        targets = [start_seqserve("seqserve", REPO_ROOT, repository, logs,
+                                  {**env, **dict(item.split("=", 1) for item in args.seqserve_env)})]
         if args.baseline_tree:
             targets.append(start_seqserve("baseline", Path(args.baseline_tree).resolve(), repository, logs, env))
         if not args.no_null:
@@ -269,6 +270,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline-tree", default="", help="an older checkout to run side by side")
     p.add_argument("--no-null", action="store_true", help="leave out the null server")
     p.add_argument("--server-env", action="append", default=[], help="KEY=VALUE for both seqserve servers")
+    p.add_argument("--seqserve-env", action="append", default=[],
+                   help="KEY=VALUE for this tree's server only (a setting the baseline does not know)")
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "seqserve" / "bench"), help="bundle cache")
     p.add_argument("--logs", default="", help="keep the servers' logs here")
     # one load process (internal)
