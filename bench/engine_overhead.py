@@ -87,7 +87,8 @@ def prompt(length: int) -> list[int]:
 
 async def engine_run(bundle, streams: int, tokens: int, prompt_tokens: int = 1, io_binding: str = "auto") -> dict:
     metrics = Metrics()
-    config = EngineConfig(max_rows=max(streams, 1), limits=RequestLimits(max_new_tokens=tokens), io_binding=io_binding)
+    config = EngineConfig(max_rows=max(streams, 1), max_queued=max(1024, streams),
+                          limits=RequestLimits(max_new_tokens=tokens), io_binding=io_binding)
     engine = ModelEngine(bundle, config, metrics)
     calls: list[tuple[float, float, int]] = []  # (start, end, rows) of every decode call
     model_cpu: dict[tuple[str, int], float] = {}  # (call, thread id) -> CPU seconds inside the graph calls

@@ -179,7 +179,7 @@ class ServerConfig:
 
     def resolved_api_processes(self) -> int:
         """`api_processes`, or when it is 0 the count for this machine's cores (`api_processes_for`)."""
-        return self.api_processes or api_processes_for(_usable_cores())
+        return self.api_processes or api_processes_for(usable_cores())
 
     def request_limits(self) -> RequestLimits:
         """The limits requests are validated against, by the API edge and the engine alike."""
@@ -236,7 +236,7 @@ def api_processes_for(cores: int) -> int:
     return min(max(2, cores // 2), 8)
 
 
-def _usable_cores() -> int:
+def usable_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))  # honours taskset and cpusets (containers' --cpuset-cpus)
     except AttributeError:  # not Linux

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from server import ipc
-from server.config import ServerConfig
+from server.config import ServerConfig, usable_cores
 from server.engine.requests import Consumer, FinishEvent, StepOutput
 from server.errors import SeqserveError, Unavailable
 from server.metrics import Metrics
@@ -87,7 +87,10 @@ class EngineProcess:
 
         self.config = config
         self.metrics = metrics or Metrics()
-        self.registry: ModelRegistry = make_registry(config, self.metrics, decode_thread=False)
+        # A decode thread beside the worker pays where a core is free for it; on a host whose API processes
+        # and ONNX Runtime already take every core, its hand-over each step only waits for the scheduler.
+        spare = usable_cores() > config.resolved_api_processes() + 2
+        self.registry: ModelRegistry = make_registry(config, self.metrics, decode_thread=spare)
         self.sessions: SessionManager = make_sessions(config, self.registry, self.metrics)
         self.sequences = SequenceMap()
         self.socket_path = runtime / ipc.ENGINE_SOCKET

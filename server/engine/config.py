@@ -26,8 +26,9 @@ class EngineConfig:
     prefix_cache_stride: int = 64  # a long prompt's state is also kept every this many tokens
     # The decode call on a thread of its own, beside the admission's prefill and the delivery of the last
     # step's events, which then cost the step nothing; the price is a hand-over between threads every step.
-    # Worth it where this process's event loop has the streams to serve (one process for everything); an
-    # engine process of several serves none, and hands over for nothing (docs/architecture.md, "Processes").
+    # Worth it where this process's event loop has the streams to serve (one process for everything), or
+    # where a core is free for it; an engine process on a host whose cores are all taken hands over for
+    # nothing but a wait for the scheduler (docs/architecture.md, "Processes").
     decode_thread: bool = True
     # A waiting request rises one priority level for every this many seconds it waits (up to max_priority),
     # so low priorities are never starved; 0 = strict priorities, no aging.
