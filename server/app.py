@@ -171,7 +171,8 @@ class App:
                 self.metrics.registry, config.metrics_port, config.host, **config.metrics_tls_files())
         await self._update_health()
         if config.poll_interval_seconds > 0 and link is None:  # else the engine process polls
-            self._poller = asyncio.create_task(self._poll_forever())
+            self._poller = asyncio.create_task(self.registry.poll(config.poll_interval_seconds,
+                                                                  after=self._update_health))
         if link is not None:
             logger.info("API process %d serving on %s:%d", link.index, config.host, self.port,
                         extra={"event": "api_serving", "grpc_port": self.port, "api_process": link.index})
@@ -239,15 +240,6 @@ class App:
         logger.info("stopped", extra={"event": "stopped", "drained": finished})
 
     # --- internals -------------------------------------------------------------------------------------
-
-    async def _poll_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.poll_interval_seconds)
-            try:
-                await self.registry.refresh()
-            except Exception:  # a broken bundle must not stop the server from serving the rest
-                logger.exception("polling the model repository failed")
-            await self._update_health()
 
     async def _update_health(self) -> None:
         """Overall health, and per model `seqserve.v1.Seqserve/MODEL`: SERVING when its latest version is

@@ -117,7 +117,8 @@ class EngineProcess:
         os.chmod(self.socket_path, 0o600)
         self._watchers = [asyncio.create_task(self._watch_table(), name="engine table watch")]
         if self.config.poll_interval_seconds > 0:
-            self._watchers.append(asyncio.create_task(self._poll_forever(), name="repository poll"))
+            self._watchers.append(asyncio.create_task(
+                self.registry.poll(self.config.poll_interval_seconds, after=self._publish), name="repository poll"))
         logger.info("engine process ready on %s", self.socket_path, extra={"event": "engine_ready"})
 
     async def stop(self, grace: float) -> None:
@@ -313,15 +314,6 @@ class EngineProcess:
         for peer in self._peers:
             if peer.index is not None:
                 peer.connection.send(ipc.MODELS, table)
-
-    async def _poll_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.poll_interval_seconds)
-            try:
-                await self.registry.refresh()
-            except Exception:  # a broken bundle must not stop the server from serving the rest
-                logger.exception("polling the model repository failed")
-            self._publish()
 
     async def _watch_table(self) -> None:
         """Publish the table when it changed outside a call (a retiring version stopped, say)."""

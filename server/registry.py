@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,14 +77,19 @@ class ModelRegistry:
         self._serving.clear()
         await asyncio.gather(*(engine.stop(grace) for engine in engines), *self._retiring)
 
-    async def poll(self, interval: float) -> None:
-        """Refresh every `interval` seconds until cancelled (run it as a task: `--poll`)."""
+    async def poll(self, interval: float, after: Callable[[], Awaitable[None] | None] | None = None) -> None:
+        """Refresh every `interval` seconds until cancelled (run it as a task), then call `after()` (the
+        server's health, or the engine process's table, follows what the scan found)."""
         while True:
             await asyncio.sleep(interval)
             try:
                 await self.refresh()
-            except Exception:  # a broken repository must not end polling; the next scan may be fine
+            except Exception:  # a broken bundle must not stop the server from serving the rest
                 logger.exception("scanning model repository %s failed", self.repository)
+            if after is not None:
+                done = after()
+                if done is not None:
+                    await done
 
     # --- lookups --------------------------------------------------------------------------------
 

@@ -97,10 +97,10 @@ class Supervisor:
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, on_signal)
+        if config.metrics_port >= 0:  # before any process serves gRPC: whoever gets answers can read the metrics
+            self._metrics_http, self.metrics_port = serve_metrics(config, metrics_dir)
         await self._children[ENGINE].start()
         await asyncio.gather(*(child.start() for child in self._api_children()))
-        if config.metrics_port >= 0:
-            self._metrics_http, self.metrics_port = serve_metrics(config, metrics_dir)
         logger.info("serving on %s:%d (metrics on port %s) with %d API processes", config.host, self.port,
                     self.metrics_port, self.count,
                     extra={"event": "serving", "grpc_port": self.port, "metrics_port": self.metrics_port,

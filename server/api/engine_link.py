@@ -27,10 +27,10 @@ from tokenizers import Tokenizer
 from seqserve.bundle.spec import ModelSpec
 from seqserve.v1.manifest_pb2 import Manifest
 from server import ipc
-from server.bundle.tokenizers import open_tokenizers
+from server.bundle.tokenizers import DescribedBundle, open_tokenizers
 from server.decoding import DecodingParams
 from server.engine.requests import RequestStream, StreamTable, context_of
-from server.errors import SeqserveError, Unavailable
+from server.errors import Unavailable
 from server.registry import ModelStatus
 from server.text.table import TokenTable
 
@@ -163,7 +163,7 @@ def _engine_gone() -> Unavailable:
 # --- models ----------------------------------------------------------------------------------------------
 
 @dataclass
-class BundleView:
+class BundleView(DescribedBundle):
     """What the API reads of a loaded bundle (`LoadedBundle` has the same names): its manifest, spec,
     variant, providers and tokenizers, the latter read from the bundle directory here."""
 
@@ -174,20 +174,6 @@ class BundleView:
     providers: tuple[str, ...]
     requested_providers: tuple[str, ...]
     tokenizers: dict[str, Tokenizer]
-
-    @property
-    def name(self) -> str:
-        return self.manifest.name
-
-    @property
-    def version(self) -> int:
-        return self.manifest.version
-
-    def tokenizer(self, role: str) -> Tokenizer:
-        try:
-            return self.tokenizers[role]
-        except KeyError:
-            raise SeqserveError(f"model {self.name} v{self.version} has no {role!r} tokenizer") from None
 
 
 class RemoteModel:

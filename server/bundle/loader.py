@@ -31,7 +31,7 @@ from server.bundle.sessions import (
     provider_name,
     resolve_providers,
 )
-from server.bundle.tokenizers import open_tokenizers
+from server.bundle.tokenizers import DescribedBundle, open_tokenizers
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class LoadedGraph:
 
 
 @dataclass(frozen=True)
-class LoadedBundle:
+class LoadedBundle(DescribedBundle):
     """A bundle ready to serve: verified manifest, one session per graph, tokenizers by role."""
 
     path: Path
@@ -82,14 +82,6 @@ class LoadedBundle:
     providers: tuple[str, ...]  # obtained by every session, in priority order
     load_seconds: float
 
-    @property
-    def name(self) -> str:
-        return self.manifest.name
-
-    @property
-    def version(self) -> int:
-        return self.manifest.version
-
     def graph(self, role: str) -> LoadedGraph:
         """The graph of `role`; BundleError if this kind has none."""
         try:
@@ -97,16 +89,6 @@ class LoadedBundle:
         except KeyError:
             raise BundleError(
                 f"bundle {self.name} v{self.version} has no {role!r} graph; it has {', '.join(self.graphs)}"
-            ) from None
-
-    def tokenizer(self, role: str) -> Tokenizer:
-        """The tokenizer of `role`; BundleError if this kind has none."""
-        try:
-            return self.tokenizers[role]
-        except KeyError:
-            raise BundleError(
-                f"bundle {self.name} v{self.version} has no {role!r} tokenizer; "
-                f"it has {', '.join(self.tokenizers)}"
             ) from None
 
 

@@ -6,6 +6,7 @@ but run no graph, read a bundle's tokenizers the same way the engine does.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 from tokenizers import Tokenizer
@@ -15,6 +16,31 @@ from seqserve.v1.manifest_pb2 import Manifest
 
 # The special tokens every seqserve tokenizer carries (docs/architecture.md), by manifest field.
 _SPECIAL_TOKENS = {"pad_id": "<pad>", "bos_id": "<bos>", "eos_id": "<eos>", "unk_id": "<unk>"}
+
+
+class DescribedBundle:
+    """What a bundle's every view has (the engine's `LoadedBundle`, an API process's `BundleView`): the
+    manifest's name and version, and the tokenizers by role."""
+
+    manifest: Manifest
+    tokenizers: Mapping[str, Tokenizer]
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def version(self) -> int:
+        return self.manifest.version
+
+    def tokenizer(self, role: str) -> Tokenizer:
+        """The tokenizer of `role`; BundleError if this kind has none."""
+        try:
+            return self.tokenizers[role]
+        except KeyError:
+            raise BundleError(
+                f"bundle {self.name} v{self.version} has no {role!r} tokenizer; it has {', '.join(self.tokenizers)}"
+            ) from None
 
 
 def open_tokenizers(bundle_dir: Path, manifest: Manifest) -> dict[str, Tokenizer]:

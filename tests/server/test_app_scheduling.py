@@ -10,7 +10,6 @@ import grpc
 import pytest
 
 from seqserve.v1 import service_pb2 as pb
-from seqserve.v1 import service_pb2_grpc as pb_grpc
 from server.app import ServerThread
 from server.config import ServerConfig
 
@@ -26,12 +25,6 @@ def server():
                           max_new_tokens=100_000, intra_op_threads=1)
     with ServerThread(config) as running:
         yield running
-
-
-@pytest.fixture(scope="module")
-def stub(server):
-    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        yield pb_grpc.SeqserveStub(channel)
 
 
 def metric(server, name: str, **labels) -> float:

@@ -17,7 +17,6 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from seqserve.v1 import service_pb2 as pb
-from seqserve.v1 import service_pb2_grpc as pb_grpc
 from server.app import ServerThread
 from server.client import main
 from server.config import ServerConfig
@@ -39,12 +38,6 @@ def server():
 
 
 @pytest.fixture(scope="module")
-def native(server):
-    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        yield pb_grpc.SeqserveStub(channel)
-
-
-@pytest.fixture(scope="module")
 def triton(server):
     client = tc.InferenceServerClient(f"127.0.0.1:{server.port}")
     yield client
@@ -57,8 +50,8 @@ def constrained(**kind) -> pb.Constraint:
     return pb.Constraint(**kind)
 
 
-def generate(native, prompt: str, **options) -> pb.GenerationDone:
-    responses = list(native.Generate(pb.GenerateRequest(model="fortunes-lm", prompt=prompt, options=S(**options))))
+def generate(stub, prompt: str, **options) -> pb.GenerationDone:
+    responses = list(stub.Generate(pb.GenerateRequest(model="fortunes-lm", prompt=prompt, options=S(**options))))
     return responses[-1].done
 
 
@@ -80,32 +73,32 @@ def refused(call) -> grpc.RpcError:
 
 # --- seqserve.v1 ------------------------------------------------------------------------------------------
 
-def test_generate_follows_each_kind(native):
-    done = generate(native, "Q: Are you sure?\nA: ", constraint=constrained(regex=YES_NO))
+def test_generate_follows_each_kind(stub):
+    done = generate(stub, "Q: Are you sure?\nA: ", constraint=constrained(regex=YES_NO))
     assert re.fullmatch(YES_NO, done.text) and done.finish_reason == pb.FINISH_REASON_EOS
-    done = generate(native, "Answer: ", constraint=constrained(choice=["yes", "no", "ask me later"]))
+    done = generate(stub, "Answer: ", constraint=constrained(choice=["yes", "no", "ask me later"]))
     assert done.text in ("yes", "no", "ask me later")
     schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 1, "maximum": 9}},
               "required": ["n"], "additionalProperties": False}
-    done = generate(native, "", strategy=S.STRATEGY_SAMPLE, seed=3,
+    done = generate(stub, "", strategy=S.STRATEGY_SAMPLE, seed=3,
                     constraint=constrained(json_schema=json.dumps(schema)))
     assert json.loads(done.text)["n"] in range(1, 10)
-    done = generate(native, "", strategy=S.STRATEGY_SAMPLE, seed=4,
+    done = generate(stub, "", strategy=S.STRATEGY_SAMPLE, seed=4,
                     constraint=constrained(grammar='start: "(" /[a-z]{1,4}/ ")"'))
     assert re.fullmatch(r"\([a-z]{1,4}\)", done.text)
 
 
-def test_streamed_chunks_add_up_to_the_constrained_text(native):
-    responses = list(native.Generate(pb.GenerateRequest(
+def test_streamed_chunks_add_up_to_the_constrained_text(stub):
+    responses = list(stub.Generate(pb.GenerateRequest(
         model="fortunes-lm", prompt="It is ", options=S(strategy=S.STRATEGY_SAMPLE, seed=9, temperature=1.5,
                                                           constraint=constrained(regex=r"[a-z]+( [a-z]+){3}\.")))))
     chunks = "".join(r.chunk.text for r in responses if r.HasField("chunk"))
     assert chunks == responses[-1].done.text and re.fullmatch(r"[a-z]+( [a-z]+){3}\.", chunks)
 
 
-def test_translate_n_best_are_the_lexicons_candidates(native):
+def test_translate_n_best_are_the_lexicons_candidates(stub):
     candidates = ["K AE1 T", "K AA1 T", "K AH0 T"]
-    response = native.Translate(pb.TranslateRequest(model="g2p-en", sources=["cat"], options=S(
+    response = stub.Translate(pb.TranslateRequest(model="g2p-en", sources=["cat"], options=S(
         strategy=S.STRATEGY_BEAM, beam_size=3, n_best=3, constraint=constrained(choice=candidates))))
     assert sorted(h.text for h in response.translations[0].hypotheses) == sorted(candidates)
 
@@ -118,60 +111,60 @@ def test_translate_n_best_are_the_lexicons_candidates(native):
     (constrained(regex="x" * 2001), "options.constraint.regex", "at most 2000 characters"),
     (pb.Constraint(), "options.constraint", "one of regex, choice, json_schema, grammar"),
 ])
-def test_bad_constraints_are_invalid_argument_naming_the_field(server, native, constraint, field, words):
+def test_bad_constraints_are_invalid_argument_naming_the_field(server, stub, constraint, field, words):
     before = metric(server, "seqserve_constrained_requests_total", model="fortunes-lm", kind="regex")
-    error = refused(lambda: generate(native, "x", constraint=constraint))
+    error = refused(lambda: generate(stub, "x", constraint=constraint))
     details = error.details()
     assert details.startswith(field) and words in details, details
     assert len(details) <= len(field) + 40 + 200
     assert metric(server, "seqserve_constrained_requests_total", model="fortunes-lm", kind="regex") == before
 
 
-def test_a_constraint_that_takes_too_long_to_compile_never_holds_up_the_others(native):
+def test_a_constraint_that_takes_too_long_to_compile_never_holds_up_the_others(stub):
     outcome = {}
 
     def pathological():
         started = time.monotonic()
         try:
-            generate(native, "x", constraint=constrained(regex="a{100000}"))
+            generate(stub, "x", constraint=constrained(regex="a{100000}"))
         except grpc.RpcError as error:
             outcome["error"] = error
         outcome["seconds"] = time.monotonic() - started
 
     worker = threading.Thread(target=pathological)
     worker.start()
-    plain = generate(native, "The ", max_new_tokens=5, min_new_tokens=5)
+    plain = generate(stub, "The ", max_new_tokens=5, min_new_tokens=5)
     worker.join()
     assert len(plain.text) == 5
     error = outcome["error"]
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and error.details().startswith("options.constraint.regex")
 
 
-def test_constrained_requests_and_mask_time_are_metrics(server, native):
+def test_constrained_requests_and_mask_time_are_metrics(server, stub):
     before = metric(server, "seqserve_constrained_requests_total", model="fortunes-lm", kind="choice")
-    generate(native, "", constraint=constrained(choice=["x", "y"]))
+    generate(stub, "", constraint=constrained(choice=["x", "y"]))
     assert metric(server, "seqserve_constrained_requests_total", model="fortunes-lm", kind="choice") == before + 1
     assert metric(server, "seqserve_constraint_mask_seconds_count", model="fortunes-lm") > 0
 
 
 # --- sessions ---------------------------------------------------------------------------------------------
 
-def test_a_session_generation_keeps_to_its_constraint_and_the_session_goes_on(native):
-    session = native.CreateSession(pb.CreateSessionRequest(model="fortunes-lm", prefix="Q: Well?\nA: "))
-    bad = refused(lambda: list(native.GenerateInSession(pb.GenerateInSessionRequest(
+def test_a_session_generation_keeps_to_its_constraint_and_the_session_goes_on(stub):
+    session = stub.CreateSession(pb.CreateSessionRequest(model="fortunes-lm", prefix="Q: Well?\nA: "))
+    bad = refused(lambda: list(stub.GenerateInSession(pb.GenerateInSessionRequest(
         session_id=session.session_id, options=S(constraint=constrained(regex="(x"))))))
     assert bad.details().startswith("options.constraint.regex")
-    same = native.GetSession(pb.GetSessionRequest(session_id=session.session_id))
+    same = stub.GetSession(pb.GetSessionRequest(session_id=session.session_id))
     assert same.tokens_consumed == session.tokens_consumed
-    responses = list(native.GenerateInSession(pb.GenerateInSessionRequest(
+    responses = list(stub.GenerateInSession(pb.GenerateInSessionRequest(
         session_id=session.session_id, options=S(constraint=constrained(regex=YES_NO)))))
     done = responses[-1].done
     assert re.fullmatch(YES_NO, done.text) and done.finish_reason == pb.FINISH_REASON_EOS
-    native.Feed(pb.FeedRequest(session_id=session.session_id, text=" Why?\nA: "))
-    responses = list(native.GenerateInSession(pb.GenerateInSessionRequest(
+    stub.Feed(pb.FeedRequest(session_id=session.session_id, text=" Why?\nA: "))
+    responses = list(stub.GenerateInSession(pb.GenerateInSessionRequest(
         session_id=session.session_id, options=S(max_new_tokens=5, min_new_tokens=5))))
     assert len(responses[-1].done.text) == 5  # the constraint held for that generation only
-    native.CloseSession(pb.CloseSessionRequest(session_id=session.session_id))
+    stub.CloseSession(pb.CloseSessionRequest(session_id=session.session_id))
 
 
 # --- Open Inference Protocol ---------------------------------------------------------------------------------
