@@ -1,5 +1,6 @@
-"""`seqserve bench serve|quality ...`: the serving sweep against the baselines, and model quality through
-the server per numeric variant. Each subcommand's `--help` lists its options.
+"""`seqserve bench serve|ceiling|prefix|priorities|quality ...`: the serving sweep against the baselines, the
+message path's ceiling with a model that costs nothing, the prefix cache and priorities, and model quality
+through the server per numeric variant. Each subcommand's `--help` lists its options.
 """
 
 from __future__ import annotations
@@ -9,6 +10,10 @@ import sys
 SUBCOMMANDS = {
     "serve": ("bench.serve", "throughput and latency sweep: seqserve vs PyTorch, ONNX Runtime per request, "
                              "the message path and the GEMM ceiling"),
+    "ceiling": ("bench.ceiling", "the wire's ceiling: a model that costs nothing at 256-4,096 streams, "
+                                 "beside the null server and an older tree"),
+    "prefix": ("bench.prefix", "the prefix cache off against on: prefill work and TTFT"),
+    "priorities": ("bench.priorities", "TTFT per priority class under a full batch"),
     "quality": ("bench.quality", "G2P WER/PER and LM bits per character through the server, fp32/fp16/int8, "
                                  "beside published anchors"),
 }
@@ -16,7 +21,7 @@ SUBCOMMANDS = {
 
 def usage() -> str:
     lines = ["usage: seqserve bench SUBCOMMAND [ARGS...]", "", "subcommands:"]
-    lines += [f"  {name:<8} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
     return "\n".join(lines)
 
 

@@ -162,7 +162,7 @@ def row(name: str, setting: str, outcome: Outcome) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="seqserve bench prefix", description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=64, help="autocomplete clients (default 64)")
     parser.add_argument("--chars", type=int, default=300, help="characters each client types (default 300)")
     parser.add_argument("--requests", type=int, default=1000, help="preamble requests (default 1000)")

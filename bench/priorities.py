@@ -120,7 +120,7 @@ async def run(args, lows: list[str], highs: list[str], log, *, high_priority: in
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="seqserve bench priorities", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=64, help="max_rows_per_step (default 64)")
     parser.add_argument("--lows", type=int, default=256)
     parser.add_argument("--low-tokens", type=int, default=400)
