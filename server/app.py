@@ -50,6 +50,7 @@ logger = logging.getLogger("server.app")
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+FLUSH_SECONDS = 0.1  # after a drain, for the last frames of the calls it waited for (see App.run)
 
 
 class DrainGate:
@@ -204,6 +205,9 @@ class App:
         await stop.wait()
         logger.info("signal received; draining", extra={"event": "draining"})
         await self.drain(stop_server=False)
+        # gRPC reports a status sent once it is framed, a moment before its bytes reach the socket: let them
+        # leave before the caller exits the process (arrivals meanwhile are still refused with UNAVAILABLE).
+        await asyncio.sleep(FLUSH_SECONDS)
         return 0
 
     async def drain(self, grace: float | None = None, *, stop_server: bool = True) -> None:

@@ -42,8 +42,8 @@ CallObserver = Callable[[str, str, str, float], None]
 class StatusInterceptor(grpc.aio.ServerInterceptor):
     """Wraps every Seqserve method (health and reflection pass through untouched).
 
-    `gate`, when given, has `enter()` (raises Unavailable while draining) and `exit()`, so the app can
-    refuse new calls and wait for in-flight ones. `auth` (a `BearerTokens`, or one token), when it holds
+    `gate`, when given, has `enter()` (raises Unavailable while draining) and `exit()` (once gRPC has sent
+    the call's status), so the app can refuse new calls and wait for in-flight ones. `auth` (a `BearerTokens`, or one token), when it holds
     any token, requires "authorization: Bearer <one of them>".
     """
 
@@ -148,7 +148,6 @@ class _Call:
         self.request = checked_stream(request) if streaming_request else request
         self.model = "" if streaming_request else getattr(request, "model", "") or getattr(request, "model_name", "")
         self.started = time.perf_counter()
-        self.entered = False
         metadata = dict(context.invocation_metadata() or ())
         self.metadata = metadata
         given = getattr(request, "request_id", "") if not streaming_request else ""
@@ -169,9 +168,12 @@ class _Call:
             if scheme != "Bearer" or not auth.accepts(token):
                 raise Unauthenticated("this server needs the metadata 'authorization: Bearer <token>'; "
                                       + ("the token given is wrong" if presented is not None else "none was given"))
-        if self.owner._gate is not None:
-            self.owner._gate.enter()
-            self.entered = True
+        gate = self.owner._gate
+        if gate is not None:
+            gate.enter()
+            # In flight until gRPC has sent the status, not until the handler returns: the last messages of a
+            # stream may still wait on the client's flow-control window, and a drained process exits next.
+            self.context.add_done_callback(lambda _context: gate.exit())
 
     async def fail(self, error: BaseException) -> None:
         if isinstance(error, grpc.aio.AbortError):
@@ -206,9 +208,6 @@ class _Call:
         self.finish("DEADLINE_EXCEEDED" if past else "CANCELLED")
 
     def finish(self, code: str) -> None:
-        if self.entered:
-            self.entered = False
-            self.owner._gate.exit()
         seconds = time.perf_counter() - self.started
         try:
             self.owner._observe(self.rpc, self.model, code, seconds)
