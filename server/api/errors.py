@@ -43,8 +43,8 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
     """Wraps every Seqserve method (health and reflection pass through untouched).
 
     `gate`, when given, has `enter()` (raises Unavailable while draining) and `exit()` (once gRPC has sent
-    the call's status), so the app can refuse new calls and wait for in-flight ones. `auth` (a `BearerTokens`, or one token), when it holds
-    any token, requires "authorization: Bearer <one of them>".
+    the call's status), so the app can refuse new calls and wait for in-flight ones. `auth` (a
+    `BearerTokens`, or one token), when it holds any token, requires "authorization: Bearer <one of them>".
     """
 
     def __init__(self, observe: CallObserver | None = None, gate: Any = None, auth: BearerTokens | str = ""):
