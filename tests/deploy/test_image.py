@@ -16,12 +16,12 @@ import os
 import re
 import tarfile
 import threading
-import time
 
 import grpc
 import pytest
 import yaml
 from container_engine import ENDLESS_TOKENS, MODELS, PIP_CA_MARKER, PIP_CONF_MARKER, ROOT
+from live import Reader, wait_for
 
 from bench.services import free_port
 from seqserve.v1 import service_pb2 as pb
@@ -215,30 +215,6 @@ def test_a_session_acknowledged_before_kill_is_there_after_start(engine, contain
     assert session_continuation(container.stub, session_id) == session_continuation(host_stub, host_session)
 
 
-class Reader(threading.Thread):
-    """Reads a stream in the background until it ends or the test cancels it."""
-
-    def __init__(self, call):
-        super().__init__(daemon=True)
-        self.call, self.count, self.error = call, 0, None
-        self.start()
-
-    def run(self):
-        try:
-            for _ in self.call:
-                self.count += 1
-        except grpc.RpcError as error:
-            self.error = error
-
-
-def wait_for(condition, what: str, timeout: float = 120.0):
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-    return value
-
-
 def test_sigterm_drains_and_the_container_exits_0_within_its_stop_grace_period(engine, container):
     """`stop -t <stop_grace_period>` sends SIGTERM: the health check fails (NOT_SERVING), new calls get
     UNAVAILABLE, the in-flight stream keeps streaming; once the client ends it the server exits 0, before the
@@ -265,10 +241,11 @@ def test_sigterm_drains_and_the_container_exits_0_within_its_stop_grace_period(e
             return True
         return False
 
-    wait_for(refused, "new calls to be refused")
+    wait_for(refused, timeout=120, what="new calls to be refused")
     assert not engine.healthcheck(container.name)  # NOT_SERVING while it drains
-    streamed = reader.count
-    wait_for(lambda: reader.count > streamed + 20, "the in-flight stream to go on during the drain")
+    streamed = len(reader.responses)
+    wait_for(lambda: len(reader.responses) > streamed + 20, timeout=120,
+             what="the in-flight stream to go on during the drain")
     # Still up (podman says "stopping" while its stop command waits, docker "running").
     assert engine.inspect(container.name, "{{.State.Status}}") in ("running", "stopping") and stopper.is_alive()
     held.cancel()  # the drain can end now

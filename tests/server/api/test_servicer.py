@@ -47,7 +47,8 @@ def test_an_interval_holds_a_stream_between_messages_but_never_its_end():
         later = asyncio.create_task(anext(batches))
         s.put(token(1))
         s.put(token(2))
-        await asyncio.sleep(0.05)
+        for _ in range(10):  # turns of the loop, in which an unheld take would end
+            await asyncio.sleep(0)
         assert not later.done()  # held: the tokens wait for the interval
         end = finish()
         started = loop.time()
